@@ -1,0 +1,1 @@
+"""Driver side: compose and validate the config, place workers on Ray, run and report."""

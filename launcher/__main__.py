@@ -1,0 +1,37 @@
+"""`python -m launcher [overrides]`: compose the config, validate it, then plan or train."""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from launcher.config import ConfigError, register_schema, to_job_config
+
+register_schema()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        job = to_job_config(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    job.run_dir = HydraConfig.get().runtime.output_dir
+    if job.launcher.mode == "plan":
+        from launcher.plan import print_plan
+
+        print_plan(job)
+        return
+    from launcher.driver import run_training
+
+    summary = run_training(job)
+    print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
+          + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
+          + f", {summary['tokens_per_s']:.0f} tokens/s; run dir {job.run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Worker side: the MoE model, data, and training loop."""

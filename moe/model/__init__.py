@@ -1,0 +1,1 @@
+"""A plain DeepSeek-V3-style transformer; parallelism is applied from outside."""

@@ -1,0 +1,95 @@
+"""Causal self-attention: multi-head latent attention (DeepSeek) and grouped-query attention."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe.config import ModelConfig
+from moe.model.layers import RMSNorm, apply_rope, rope_cos_sin
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention: keys/values come from one low-rank latent per token, and a
+    small rotary key shared by all heads carries position (DeepSeek-V2/V3)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.nope_dim = cfg.qk_nope_head_dim
+        self.rope_dim = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.rope_theta = cfg.rope_theta
+        qk_dim = self.nope_dim + self.rope_dim
+        D, H = cfg.hidden_size, cfg.num_heads
+        if cfg.q_lora_rank > 0:
+            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(D, H * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H = self.num_heads
+        if hasattr(self, "wq"):
+            q = self.wq(x_BSD)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
+        q_BHSQ = q.view(B, S, H, self.nope_dim + self.rope_dim).transpose(1, 2)
+        q_nope, q_rope = q_BHSQ.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        latent, k_rope_BSR = self.wkv_a(x_BSD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v_BHSV = kv.split([self.nope_dim, self.v_dim], dim=-1)
+
+        cos, sin = rope_cos_sin(S, self.rope_dim, self.rope_theta, x_BSD.device)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope_BSR.unsqueeze(1), cos, sin).expand(B, H, S, self.rope_dim)
+        q_BHSQ = torch.cat([q_nope, q_rope], dim=-1)
+        k_BHSQ = torch.cat([k_nope, k_rope], dim=-1)
+        out = F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, v_BHSV, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+
+class GQA(nn.Module):
+    """Grouped-query attention with rotary embeddings over the whole head (Llama, Mixtral)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        D = cfg.hidden_size
+        self.wq = nn.Linear(D, cfg.num_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, x_BSD.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        repeat = self.num_heads // self.num_kv_heads
+        if repeat > 1:
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    if cfg.attention == "mla":
+        return MLA(cfg)
+    if cfg.attention == "gqa":
+        return GQA(cfg)
+    raise ValueError(f"model.attention={cfg.attention!r} is not one of ('mla', 'gqa')")

@@ -1,0 +1,79 @@
+"""Token dispatch: turn router choices into rows grouped by expert, and the results back into tokens.
+
+`LocalDispatcher` is the ep=1 case: every expert is on this rank, so dispatch is a sort and combine
+is a weighted scatter-add (fused into the expert call where the backend can). The all-to-all
+dispatcher for expert parallelism implements the same `run` contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe.model.experts import routed_experts
+
+
+@dataclass
+class DispatchPlan:
+    """Kept (token, expert) assignments sorted by expert."""
+
+    row_idx_S: torch.Tensor
+    """Token row of each assignment, expert-major order."""
+    gate_S: torch.Tensor
+    """Gate weight of each assignment."""
+    tokens_per_expert_E: torch.Tensor
+    """Assignments per expert (int64)."""
+
+
+def plan_local(expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+    K = expert_idx_TK.shape[1]
+    flat_expert = expert_idx_TK.reshape(-1)
+    kept = keep_TK.reshape(-1).nonzero().squeeze(-1)
+    # A stable sort keeps token order inside each expert, so results are deterministic.
+    order = torch.sort(flat_expert[kept], stable=True).indices
+    assign_S = kept[order]
+    return DispatchPlan(
+        row_idx_S=assign_S // K,
+        gate_S=gate_TK.reshape(-1)[assign_S],
+        tokens_per_expert_E=torch.bincount(flat_expert[kept], minlength=num_experts),
+    )
+
+
+class LocalDispatcher:
+    """All experts on this rank."""
+
+    def run(
+        self,
+        x_TD: torch.Tensor,
+        expert_idx_TK: torch.Tensor,
+        gate_TK: torch.Tensor,
+        keep_TK: torch.Tensor,
+        experts: "torch.nn.Module",
+    ) -> torch.Tensor:
+        plan = plan_local(expert_idx_TK, gate_TK, keep_TK, experts.num_experts)
+        return experts(x_TD, plan.tokens_per_expert_E, plan.row_idx_S, plan.gate_S, x_TD.shape[0])
+
+
+class GroupedExperts(torch.nn.Module):
+    """Routed experts' SwiGLU weights stacked along a leading expert dimension."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "torch") -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.backend = backend
+        self.w_gate_EDF = torch.nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w_up_EDF = torch.nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w_down_EFD = torch.nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor,
+        row_idx_S: torch.Tensor | None = None,
+        gate_S: torch.Tensor | None = None,
+        num_out_rows: int | None = None,
+    ) -> torch.Tensor:
+        return routed_experts(
+            x, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, tokens_per_expert_E,
+            row_idx_S, gate_S, num_out_rows, backend=self.backend,
+        )

@@ -1,0 +1,126 @@
+"""Expert parallelism: routed experts sharded whole over the `ep` group, tokens moved by all-to-all.
+
+Dispatch: sort kept (token, expert) assignments by expert (so by destination rank), exchange the
+per-expert counts, check them, all-to-all the token rows with uneven splits, regroup what arrived by
+local expert. Combine runs the same path backwards and scatter-adds gate-weighted results into tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+from moe.model.dispatch import GroupedExperts, plan_local
+
+
+class DispatchCountError(RuntimeError):
+    """Split sizes disagree between ranks; sending anyway would hang (NCCL) or read stale data (gloo)."""
+
+
+@dataclass
+class TrafficRecord:
+    """Token rows moved by one layer's dispatch on this step's micro-batches (summed)."""
+
+    matrix_RR: torch.Tensor
+    """Token vectors sent from EP rank i (row) to EP rank j (column), int64 [ep, ep]."""
+    bytes_per_row: int
+    """Bytes of one token vector on the wire."""
+
+
+class AllToAllDispatcher:
+    def __init__(self, group: dist.ProcessGroup, ep: int, ep_rank: int, num_experts: int, layer_id: int,
+                 node_of_ep_rank: list[int] | None = None) -> None:
+        self.group = group
+        self.ep = ep
+        self.ep_rank = ep_rank
+        self.num_experts = num_experts
+        self.local_experts = num_experts // ep
+        self.layer_id = layer_id
+        self.node_of_ep_rank = torch.tensor(node_of_ep_rank or [0] * ep)
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.traffic: TrafficRecord | None = None
+        # Per token: how many distinct EP ranks and nodes its kept experts live on.
+        self.spread_sum = {"ranks": 0.0, "nodes": 0.0}
+        self.spread_max = {"ranks": 0, "nodes": 0}
+        self.spread_tokens = 0
+
+    def _record_spread(self, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor) -> None:
+        rank_TK = (expert_idx_TK // self.local_experts).cpu()
+        # A dropped assignment repeats the token's first rank so it adds no destination.
+        rank_TK = torch.where(keep_TK.cpu(), rank_TK, rank_TK[:, :1].expand_as(rank_TK))
+        for key, v_TK in (("ranks", rank_TK), ("nodes", self.node_of_ep_rank[rank_TK])):
+            distinct_T = (v_TK.sort(-1).values.diff(dim=-1) != 0).sum(-1) + 1
+            self.spread_sum[key] += distinct_T.sum().item()
+            self.spread_max[key] = max(self.spread_max[key], int(distinct_T.max().item()) if distinct_T.numel() else 0)
+        self.spread_tokens += rank_TK.shape[0]
+
+    def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Every rank's per-expert send counts, [ep, E]; checked so a mismatch is an error, not a hang."""
+        counts_E = tokens_per_expert_E.to(torch.int64).cpu()
+        # Counts travel on the data device for NCCL, on the CPU for gloo.
+        dev = tokens_per_expert_E.device if dist.get_backend(self.group) != "gloo" else torch.device("cpu")
+        mine = tokens_per_expert_E.to(torch.int64).to(dev)
+        gathered = [torch.empty_like(mine) for _ in range(self.ep)]
+        dist.all_gather(gathered, mine, group=self.group)
+        all_counts_RE = torch.stack(gathered).cpu()
+        if not torch.equal(all_counts_RE[self.ep_rank], counts_E):
+            raise DispatchCountError(
+                f"layer {self.layer_id}, EP rank {self.ep_rank}: the counts peers received from this rank "
+                f"{all_counts_RE[self.ep_rank].tolist()} differ from what it will send {counts_E.tolist()}")
+        return all_counts_RE
+
+    def run(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
+            keep_TK: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+        plan = plan_local(expert_idx_TK, gate_TK, keep_TK, self.num_experts)
+        self._record_spread(expert_idx_TK, keep_TK)
+        all_counts_RE = self._exchange_counts(plan.tokens_per_expert_E)
+        El = self.local_experts
+        blocks_RRL = all_counts_RE.view(self.ep, self.ep, El)  # [src, dst, local expert]
+        matrix_RR = blocks_RRL.sum(-1)
+        send_splits = matrix_RR[self.ep_rank].tolist()
+        recv_counts_RL = blocks_RRL[:, self.ep_rank]  # what each source sends to each of my experts
+        recv_splits = recv_counts_RL.sum(-1).tolist()
+        if sum(send_splits) != plan.row_idx_S.numel():
+            raise DispatchCountError(
+                f"layer {self.layer_id}, EP rank {self.ep_rank}: {plan.row_idx_S.numel()} rows to send but the "
+                f"splits {send_splits} add up to {sum(send_splits)}")
+
+        # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
+        wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
+        x_send_SD = x_TD.index_select(0, plan.row_idx_S).to(wire_dtype)
+        x_recv = all_to_all_single_autograd(x_send_SD, recv_splits, send_splits, self.group)
+
+        # Arrived rows are ordered (source, local expert); the experts want (local expert, source).
+        seg_of_row = torch.repeat_interleave(torch.arange(self.ep * El), recv_counts_RL.flatten())
+        src, le = seg_of_row // El, seg_of_row % El
+        perm = torch.sort(le * self.ep + src, stable=True).indices.to(x_TD.device)
+        inv_perm = torch.argsort(perm)
+        tokens_per_local_expert = recv_counts_RL.sum(0)
+        y_grouped = experts(x_recv.index_select(0, perm), tokens_per_local_expert.to(x_TD.device))
+        y_back = all_to_all_single_autograd(y_grouped.index_select(0, inv_perm).contiguous(), send_splits,
+                                            recv_splits, self.group)
+
+        rec = self.traffic
+        bpr = x_TD.shape[-1] * x_send_SD.element_size()
+        self.traffic = TrafficRecord(matrix_RR if rec is None else rec.matrix_RR + matrix_RR, bpr)
+        y_SD = y_back.to(x_TD.dtype) * plan.gate_S.to(x_TD.dtype).unsqueeze(-1)
+        return x_TD.new_zeros(x_TD.shape).index_add(0, plan.row_idx_S, y_SD)
+
+
+def apply_expert_parallel(model: torch.nn.Module, group: dist.ProcessGroup, ep: int, ep_rank: int,
+                          node_of_rank: list[int], ep_group_ranks: list[int]) -> None:
+    """Keep this rank's slice of every MoE layer's experts and route tokens through all-to-all."""
+    node_of_ep_rank = [node_of_rank[r] for r in ep_group_ranks]
+    for layer_id, moe in model.moe_layers().items():
+        E = moe.num_experts
+        El = E // ep
+        ex = moe.experts
+        for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+            full = getattr(ex, name)
+            setattr(ex, name, torch.nn.Parameter(full.detach()[ep_rank * El:(ep_rank + 1) * El].clone()))
+        ex.num_experts = El
+        moe.dispatcher = AllToAllDispatcher(group, ep, ep_rank, E, layer_id, node_of_ep_rank)

@@ -1,0 +1,226 @@
+"""The training loop: micro-batches with gradient accumulation, clipping, AdamW, bias updates,
+evaluation, metrics. Runs inside one worker; the launcher decides where."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from moe.config import JobConfig
+from moe.data import build_dataset
+from moe.model.experts import resolve_backend
+from moe.model.router import update_expert_bias
+from moe.model.transformer import Transformer, build_model, count_params
+from moe.parallel.expert_parallel import apply_expert_parallel
+from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradients
+from moe.parallel.mesh import ParallelContext
+from moe.train.optim import build_optimizer, lr_at, set_lr
+from moe.train.traffic import routing_spread_metrics, traffic_metrics
+from moe.train.sinks import JsonlSink, MetricsSink, MultiSink, WandbSink
+
+Report = Callable[[dict[str, Any]], None]
+
+
+class NonFiniteError(RuntimeError):
+    """Raised before the optimizer update when the loss or gradient norm is not finite."""
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    if use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("cluster.use_gpu=true but this worker sees no CUDA device; set cluster.use_gpu=false")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return None
+
+
+def all_reduce_(t: torch.Tensor, ctx: ParallelContext, group: str, op=None) -> torch.Tensor:
+    """In-place all-reduce over a named group; a no-op where the group has one member."""
+    import torch.distributed as dist
+
+    g = ctx.group(group)
+    if g is not None and len(ctx.group_ranks(group)) > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=g)
+    return t
+
+
+def load_metrics(model: Transformer) -> dict[str, float]:
+    """Expert-load summary from the step's accumulated counts: per layer and the worst layer."""
+    out: dict[str, float] = {}
+    overloads, deads = [], []
+    for i, moe in model.moe_layers().items():
+        counts = moe.tokens_per_expert_acc.double()
+        mean = counts.mean().clamp_min(1e-9)
+        overload = (counts.max() / mean).item()
+        dead = int((counts == 0).sum().item())
+        out[f"moe/overload_factor/layer_{i}"] = overload
+        out[f"moe/dead_experts/layer_{i}"] = dead
+        overloads.append(overload)
+        deads.append(dead)
+    if overloads:
+        out["moe/overload_factor"] = max(overloads)
+        out["moe/dead_experts"] = sum(deads)
+    return out
+
+
+def build_sinks(job: JobConfig, model_name: str) -> MetricsSink:
+    sinks: list[MetricsSink] = [JsonlSink(job.run_dir)]
+    w = job.logger.wandb
+    if w.mode != "disabled":
+        name = w.name or f"{model_name}-dp{job.parallel.dp}-ep{job.parallel.ep}"
+        sinks.append(WandbSink(job.run_dir, w.mode, w.project, name, w.group, w.entity, dataclasses.asdict(job)))
+    return MultiSink(sinks)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, dataset, job: JobConfig, step: int, device, ctx: ParallelContext) -> float:
+    """Mean loss over `eval_batches` held-out micro-batches per data-parallel rank."""
+    model.eval()
+    t = job.train
+    total = torch.zeros((), device=device)
+    for b in range(t.eval_batches):
+        start = (b * ctx.dp + ctx.dp_rank) * t.micro_batch_size
+        inputs, targets = dataset.batch(step, range(start, start + t.micro_batch_size), split="val")
+        with autocast_for(t.dtype, device):
+            total += lm_loss(model(inputs.to(device)), targets.to(device))
+    for moe in model.moe_layers().values():
+        moe.tokens_per_expert_acc.zero_()  # evaluation tokens are not training load
+        if hasattr(moe.dispatcher, "reset_stats"):
+            moe.dispatcher.reset_stats()
+    model.train()
+    return (all_reduce_(total, ctx, "dp") / (max(t.eval_batches, 1) * ctx.dp)).item()
+
+
+def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | None = None) -> dict[str, Any]:
+    """Train `job` on this rank and return the summary. `ctx` places the rank in the parallel layout
+    (its share of each global batch, its experts, its groups); None means one process."""
+    ctx = ctx or ParallelContext()
+    t = job.train
+    device = pick_device(job.cluster.use_gpu)
+    torch.manual_seed(t.seed)
+    model = build_model(job.model, t.seed, device)
+    total_params, active_params = count_params(model, job.model)
+    backend = resolve_backend(job.model.moe.backend, device)
+    for moe in model.moe_layers().values():
+        moe.experts.backend = backend
+        moe.router.global_group = ctx.group("routing") if ctx.dp * ctx.tp > 1 else None
+    if ctx.ep > 1:
+        apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"))
+    batch_rank, batch_ranks = ctx.dp_rank, ctx.dp
+    dataset = build_dataset(job.data, t.seq_len, t.seed, job.model.vocab_size)
+    optimizer = build_optimizer(model, t)
+    is_logger = ctx.rank == 0
+    sink = build_sinks(job, job.model.name) if is_logger else None
+
+    accum = t.global_batch_size // (t.micro_batch_size * batch_ranks)
+    local_batch = t.micro_batch_size * accum
+    tokens_per_step = t.global_batch_size * t.seq_len
+    rate = job.model.moe.router.bias_update_rate if job.model.moe.router.use_expert_bias else 0.0
+    history: list[dict[str, Any]] = []
+    eval_loss = None
+    started = time.perf_counter()
+
+    for step in range(t.steps):
+        step_start = time.perf_counter()
+        lr = lr_at(step, t)
+        set_lr(optimizer, lr)
+        ce_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
+        router_sums: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            start = batch_rank * local_batch + micro * t.micro_batch_size
+            inputs, targets = dataset.batch(step, range(start, start + t.micro_batch_size))
+            with autocast_for(t.dtype, device):
+                ce = lm_loss(model(inputs.to(device)), targets.to(device))
+                aux = model.aux_loss().to(device)
+            ((ce + aux) / accum).backward()
+            ce_sum += ce.detach()
+            aux_sum += aux.detach()
+            for i, moe in model.moe_layers().items():
+                for k, v in moe.metrics.items():
+                    key = f"moe/{k}/layer_{i}"
+                    router_sums[key] = router_sums.get(key, 0) + v.detach().float()
+
+        reduce_gradients(model, ctx)
+        grad_norm = global_grad_norm(model, ctx)
+        clip_gradients(model, grad_norm, t.grad_clip)
+        loss = (all_reduce_(ce_sum, ctx, "dp") / (accum * ctx.dp)).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            where = first_nonfinite_grad(model)
+            raise NonFiniteError(
+                f"non-finite training signal at step {step}: loss={loss}, grad_norm={grad_norm}"
+                + (f", first non-finite gradient in {where}" if where else "")
+                + "; the optimizer update was skipped and the weights are those of the last good step"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        for moe in model.moe_layers().values():
+            all_reduce_(moe.tokens_per_expert_acc, ctx, "routing")  # global load: identical biases everywhere
+        metrics: dict[str, Any] = load_metrics(model)
+        if ctx.ep > 1:
+            metrics.update(traffic_metrics(model, ctx, tokens_per_rank=local_batch * t.seq_len,
+                                           top_k=job.model.moe.top_k, hidden=job.model.hidden_size))
+            metrics.update(routing_spread_metrics(model))
+        for moe in model.moe_layers().values():
+            if rate > 0:
+                update_expert_bias(moe.router.expert_bias, moe.tokens_per_expert_acc, rate)
+            moe.tokens_per_expert_acc.zero_()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - step_start
+        metrics.update({
+            "loss": loss, "aux_loss": (aux_sum / accum).item(), "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+        })
+        for k, v in router_sums.items():
+            metrics[k] = (v / accum).item()
+        if t.eval_every > 0 and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
+            eval_loss = evaluate(model, dataset, job, step, device, ctx)
+            metrics["eval_loss"] = eval_loss
+        if device.type == "cuda":
+            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        history.append({"step": step, "loss": loss, "grad_norm": grad_norm, "aux_loss": metrics["aux_loss"]})
+        if sink is not None and (step % t.log_every == 0 or step + 1 == t.steps):
+            sink.log(metrics, step)
+        if report is not None and is_logger:
+            report({"step": step, "loss": loss, "tokens_per_s": metrics["tokens_per_s"], "steps": t.steps})
+
+    wall = time.perf_counter() - started
+    summary = {
+        "model": job.model.name, "steps": t.steps, "first_loss": history[0]["loss"] if history else None,
+        "last_loss": history[-1]["loss"] if history else None, "eval_loss": eval_loss,
+        "params_total": total_params, "params_active": active_params, "wall_time_s": wall,
+        "tokens_per_s": tokens_per_step * t.steps / wall if wall > 0 else None,
+        "losses": [h["loss"] for h in history], "grad_norms": [h["grad_norm"] for h in history],
+        "aux_losses": [h["aux_loss"] for h in history], "world_size": ctx.world_size,
+        "device": str(device), "expert_backend": backend,
+    }
+    if sink is not None:
+        sink.close()
+        with open(os.path.join(job.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

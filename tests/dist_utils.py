@@ -1,0 +1,100 @@
+"""Run the real training entry point in several gloo processes and collect every rank's summary."""
+from __future__ import annotations
+
+import pickle
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from moe.config import JobConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world: int, port: int, job: JobConfig, node_of_rank, patch, queue) -> None:
+    torch.set_num_threads(1)
+    try:
+        if patch is not None:
+            patch()
+        from moe.train.worker import run_worker
+
+        queue.put((rank, pickle.dumps(run_worker(job, rank, world, "127.0.0.1", port, node_of_rank))))
+    except BaseException as e:  # report instead of hanging the parent
+        import traceback
+
+        queue.put((rank, pickle.dumps({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})))
+
+
+def run_distributed(job: JobConfig, world: int, node_of_rank: list[int] | None = None,
+                    patch: Callable[[], None] | None = None, timeout_s: float = 300) -> list[dict[str, Any]]:
+    """Start `world` processes that each call run_worker; return summaries ordered by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world, port, job, node_of_rank, patch, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        for _ in range(world):
+            rank, payload = queue.get(timeout=timeout_s)
+            results[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r}: {s['error']}" for r, s in sorted(results.items()) if "error" in s]
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world)]
+
+
+def _fn_child(rank: int, world: int, port: int, fn, args, queue) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        queue.put((rank, pickle.dumps(fn(rank, world, *args))))
+    except BaseException as e:
+        import traceback
+
+        queue.put((rank, pickle.dumps({"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"})))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 180) -> list[Any]:
+    """Run module-level `fn(rank, world, *args)` in `world` gloo processes; return results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_fn_child, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, payload = queue.get(timeout=timeout_s)
+            results[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r}: {o['error']}" for r, o in sorted(results.items()) if isinstance(o, dict) and "error" in o]
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world)]

@@ -1,0 +1,101 @@
+"""Model shapes, parameter counts, determinism, and the expert-compute backends."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from moe.model.experts import routed_experts
+from moe.model.params import count_params_from_config
+from moe.model.transformer import build_model, count_params
+from tests.conftest import job_from
+
+
+@pytest.mark.parametrize("preset", ["deepseek_tiny", "mixtral_small"])
+def test_output_shape_and_finite(preset):
+    cfg = job_from([f"model={preset}"]).model
+    if preset == "mixtral_small":  # shrink the width, keep the structure (GQA, softmax, no shared expert)
+        cfg = dataclasses.replace(cfg, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, num_layers=2,
+                                  vocab_size=256, moe=dataclasses.replace(cfg.moe, expert_intermediate_size=32))
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    logits = model(tokens)
+    assert logits.shape == (2, 17, cfg.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert torch.isfinite(model.aux_loss())
+
+
+def test_deepseek_small_param_counts():
+    cfg = job_from(["model=deepseek_small"]).model
+    counts = count_params_from_config(cfg)
+    assert round(counts.total / 1e6) == 467
+    assert round(counts.active / 1e6) == 159
+    with torch.device("meta"):
+        from moe.model.transformer import Transformer
+
+        model = Transformer(cfg)
+    total, active = count_params(model, cfg)
+    assert total == counts.total and active == counts.active
+
+
+def test_deepseek_v3_param_counts_from_config():
+    counts = count_params_from_config(job_from(["model=deepseek_v3"]).model)
+    assert 670e9 < counts.total < 672e9  # 671B without the multi-token-prediction module
+    assert 37e9 < counts.active < 38e9
+
+
+def test_causal():
+    cfg = job_from(["model=deepseek_tiny"]).model
+    model = build_model(cfg, seed=1)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    changed = tokens.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
+    a, b = model(tokens), model(changed)
+    # Routing is per token, so earlier positions must not see later tokens at all.
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_same_seed_same_weights_different_seed_differs():
+    cfg = job_from(["model=deepseek_tiny"]).model
+    a, b, c = build_model(cfg, 5), build_model(cfg, 5), build_model(cfg, 6)
+    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), n
+    assert not torch.equal(a.output.weight, c.output.weight)
+
+
+def _expert_inputs(E=5, D=7, F=3, counts=(3, 0, 1, 5, 0), T=6, K=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w_gate = torch.randn(E, D, F, generator=g)
+    w_up = torch.randn(E, D, F, generator=g)
+    w_down = torch.randn(E, F, D, generator=g)
+    tpe = torch.tensor(counts)
+    S = int(tpe.sum())
+    x = torch.randn(T, D, generator=g)
+    row_idx = torch.randint(0, T, (S,), generator=g)
+    gate = torch.rand(S, generator=g)
+    return x, w_gate, w_up, w_down, tpe, row_idx, gate
+
+
+def test_torch_experts_against_per_row_formula():
+    x, wg, wu, wd, tpe, row_idx, gate = _expert_inputs()
+    out = routed_experts(x, wg, wu, wd, tpe, row_idx, gate, x.shape[0], backend="torch")
+    expect = torch.zeros_like(x)
+    experts = torch.repeat_interleave(torch.arange(len(tpe)), tpe)
+    for s in range(len(row_idx)):
+        e, r = experts[s], row_idx[s]
+        h = torch.nn.functional.silu(x[r] @ wg[e]) * (x[r] @ wu[e])
+        expect[r] += gate[s] * (h @ wd[e])
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_idle_experts_get_exact_zero_grad():
+    x, wg, wu, wd, tpe, row_idx, gate = _expert_inputs()
+    for w in (wg, wu, wd):
+        w.requires_grad_(True)
+    routed_experts(x, wg, wu, wd, tpe, row_idx, gate, x.shape[0], backend="torch").sum().backward()
+    for w in (wg, wu, wd):
+        assert w.grad is not None
+        assert torch.count_nonzero(w.grad[1]) == 0 and torch.count_nonzero(w.grad[4]) == 0
+        assert torch.count_nonzero(w.grad[3]) > 0
