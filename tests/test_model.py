@@ -52,9 +52,9 @@ def test_causal():
     changed = tokens.clone()
     changed[0, 8:] = (changed[0, 8:] + 1) % cfg.vocab_size
     a, b = model(tokens), model(changed)
-    # Routing is per token, so earlier positions must not see later tokens at all.
-    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=0)
-    assert not torch.allclose(a[:, 8:], b[:, 8:])
+    # Earlier positions must not see later tokens (up to BLAS blocking: experts' row counts change).
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=1e-5)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-2
 
 
 def test_same_seed_same_weights_different_seed_differs():

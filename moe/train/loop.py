@@ -21,6 +21,7 @@ from moe.model.transformer import Transformer, build_model, count_params
 from moe.parallel.expert_parallel import apply_expert_parallel
 from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradients
 from moe.parallel.mesh import ParallelContext
+from moe.train.load_metrics import model_load_metrics
 from moe.train.optim import build_optimizer, lr_at, set_lr
 from moe.train.traffic import routing_spread_metrics, traffic_metrics
 from moe.train.sinks import JsonlSink, MetricsSink, MultiSink, WandbSink
@@ -65,25 +66,6 @@ def all_reduce_(t: torch.Tensor, ctx: ParallelContext, group: str, op=None) -> t
     if g is not None and len(ctx.group_ranks(group)) > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=g)
     return t
-
-
-def load_metrics(model: Transformer) -> dict[str, float]:
-    """Expert-load summary from the step's accumulated counts: per layer and the worst layer."""
-    out: dict[str, float] = {}
-    overloads, deads = [], []
-    for i, moe in model.moe_layers().items():
-        counts = moe.tokens_per_expert_acc.double()
-        mean = counts.mean().clamp_min(1e-9)
-        overload = (counts.max() / mean).item()
-        dead = int((counts == 0).sum().item())
-        out[f"moe/overload_factor/layer_{i}"] = overload
-        out[f"moe/dead_experts/layer_{i}"] = dead
-        overloads.append(overload)
-        deads.append(dead)
-    if overloads:
-        out["moe/overload_factor"] = max(overloads)
-        out["moe/dead_experts"] = sum(deads)
-    return out
 
 
 def build_sinks(job: JobConfig, model_name: str) -> MetricsSink:
@@ -180,7 +162,9 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
 
         for moe in model.moe_layers().values():
             all_reduce_(moe.tokens_per_expert_acc, ctx, "routing")  # global load: identical biases everywhere
-        metrics: dict[str, Any] = load_metrics(model)
+        metrics: dict[str, Any] = model_load_metrics(
+            {i: m.tokens_per_expert_acc for i, m in model.moe_layers().items()},
+            {i: m.router.expert_bias for i, m in model.moe_layers().items()}, ctx.ep)
         if ctx.ep > 1:
             metrics.update(traffic_metrics(model, ctx, tokens_per_rank=local_batch * t.seq_len,
                                            top_k=job.model.moe.top_k, hidden=job.model.hidden_size))
