@@ -56,7 +56,7 @@ def run_distributed(job: JobConfig, world: int, node_of_rank: list[int] | None =
     return [results[r] for r in range(world)]
 
 
-def _fn_child(rank: int, world: int, port: int, fn, args, queue) -> None:
+def _fn_child(rank: int, world: int, port: int, fn, args, queue, backend: str = "gloo") -> None:
     import datetime
     import os
 
@@ -65,7 +65,9 @@ def _fn_child(rank: int, world: int, port: int, fn, args, queue) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
         queue.put((rank, pickle.dumps(fn(rank, world, *args))))
     except BaseException as e:
         import traceback
@@ -76,12 +78,13 @@ def _fn_child(rank: int, world: int, port: int, fn, args, queue) -> None:
             dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 180) -> list[Any]:
-    """Run module-level `fn(rank, world, *args)` in `world` gloo processes; return results by rank."""
+def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 180, backend: str = "gloo") -> list[Any]:
+    """Run module-level `fn(rank, world, *args)` in `world` processes (gloo, or nccl with one GPU
+    each); return results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_fn_child, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_fn_child, args=(r, world, port, fn, args, queue, backend)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

@@ -41,7 +41,7 @@ def _full_experts():
     return ex
 
 
-def _ep_case(rank: int, world: int, case: str):
+def _ep_case(rank: int, world: int, case: str, device: str):
     import torch.distributed as dist
 
     from moe.parallel.expert_parallel import AllToAllDispatcher
@@ -50,20 +50,20 @@ def _ep_case(rank: int, world: int, case: str):
     El = E // world
     from moe.model.dispatch import GroupedExperts
 
-    local = GroupedExperts(El, D, F)
+    local = GroupedExperts(El, D, F).to(dev := torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu"))
     with torch.no_grad():
         for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
             getattr(local, name).copy_(getattr(full, name)[rank * El:(rank + 1) * El])
     disp = AllToAllDispatcher(dist.group.WORLD, world, rank, E, layer_id=0)
     outs, grads = [], []
     for step in range(2):
-        idx = _routing(case, rank)
-        x, gate = _inputs(rank, idx.shape[1], step)
+        idx = _routing(case, rank).to(dev)
+        x, gate = (t.to(dev) for t in _inputs(rank, idx.shape[1], step))
         x.requires_grad_(True)
         out = disp.run(x, idx, gate, torch.ones_like(idx, dtype=torch.bool), local)
         out.pow(2).sum().backward()
-        outs.append(out.detach())
-        grads.append({n: p.grad.clone() if p.grad is not None else None for n, p in local.named_parameters()})
+        outs.append(out.detach().cpu())
+        grads.append({n: p.grad.cpu() if p.grad is not None else None for n, p in local.named_parameters()})
         local.zero_grad(set_to_none=True)
     return outs, grads
 
@@ -89,21 +89,24 @@ def _reference(case: str, world: int):
     return outs, grads
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two GPUs"))])
 @pytest.mark.parametrize("case", ["idle_expert", "rank_sends_nothing_to_peer", "rank_receives_nothing",
                                   "all_to_one_expert"])
-def test_edge_case_matches_one_process(case):
+def test_edge_case_matches_one_process(case, device):
     world = 2
-    results = spawn(_ep_case, world, case)
+    results = spawn(_ep_case, world, case, device, backend="nccl" if device == "cuda" else "gloo")
+    tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
     ref_outs, ref_grads = _reference(case, world)
     El = E // world
     for rank, (outs, grads) in enumerate(results):
         for step in range(2):
             assert torch.isfinite(outs[step]).all()
-            torch.testing.assert_close(outs[step], ref_outs[step][rank], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(outs[step], ref_outs[step][rank], **tol)
             for name, g in grads[step].items():
                 assert g is not None, f"{case}: rank {rank} {name} has no gradient"
                 ref = ref_grads[step][name][rank * El:(rank + 1) * El]
-                torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(g, ref, **tol)
                 for le in range(El):
                     if torch.count_nonzero(ref[le]) == 0:  # idle expert: exactly zero, not NaN
                         assert torch.count_nonzero(g[le]) == 0 and torch.isfinite(g[le]).all()

@@ -124,3 +124,23 @@ def apply_expert_parallel(model: torch.nn.Module, group: dist.ProcessGroup, ep: 
             setattr(ex, name, torch.nn.Parameter(full.detach()[ep_rank * El:(ep_rank + 1) * El].clone()))
         ex.num_experts = El
         moe.dispatcher = AllToAllDispatcher(group, ep, ep_rank, E, layer_id, node_of_ep_rank)
+
+
+def tie_router_groups_to_topology(model: torch.nn.Module, group_by: str, ep: int, node_of_ep_rank: list[int]) -> int | None:
+    """With `group_by` = `ep_ranks` or `nodes`, make each router group the experts of one EP rank or one
+    node, so `topk_group` bounds how many ranks/nodes a token's experts span. Returns the group count."""
+    import dataclasses
+
+    from moe.model.router import validate_router_config
+
+    if group_by == "experts":
+        return None
+    n_group = ep if group_by == "ep_ranks" else len(set(node_of_ep_rank))
+    for moe in model.moe_layers().values():
+        cfg = dataclasses.replace(moe.router.cfg, n_group=n_group)
+        try:
+            validate_router_config(cfg, moe.num_experts, moe.top_k)
+        except ValueError as e:
+            raise ValueError(f"model.moe.router.group_by={group_by!r} makes n_group={n_group} on this layout: {e}") from e
+        moe.router.cfg = cfg
+    return n_group

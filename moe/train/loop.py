@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from moe.data import build_dataset
 from moe.model.experts import resolve_backend
 from moe.model.router import update_expert_bias
 from moe.model.transformer import Transformer, build_model, count_params
-from moe.parallel.expert_parallel import apply_expert_parallel
+from moe.parallel.expert_parallel import apply_expert_parallel, tie_router_groups_to_topology
 from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradients
 from moe.parallel.mesh import ParallelContext
 from moe.train.load_metrics import model_load_metrics
@@ -111,6 +112,8 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         moe.router.global_group = ctx.group("routing") if ctx.dp * ctx.tp > 1 else None
     if ctx.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"))
+    tie_router_groups_to_topology(model, job.model.moe.router.group_by, ctx.ep,
+                                  [ctx.node_of_rank[r] for r in ctx.group_ranks("ep")])
     batch_rank, batch_ranks = ctx.dp_rank, ctx.dp
     dataset = build_dataset(job.data, t.seq_len, t.seed, job.model.vocab_size)
     optimizer = build_optimizer(model, t)
@@ -149,7 +152,11 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         reduce_gradients(model, ctx)
         grad_norm = global_grad_norm(model, ctx)
         clip_gradients(model, grad_norm, t.grad_clip)
-        loss = (all_reduce_(ce_sum, ctx, "dp") / (accum * ctx.dp)).item()
+        # One all-reduce for every logged per-rank mean: the LM loss, the balancing loss, router losses.
+        keys = sorted(router_sums)
+        packed = torch.stack([ce_sum, aux_sum, *(router_sums[k].to(device) for k in keys)])
+        packed = all_reduce_(packed, ctx, "dp") / (accum * ctx.dp)
+        loss = packed[0].item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             where = first_nonfinite_grad(model)
             raise NonFiniteError(
@@ -177,17 +184,17 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
             torch.cuda.synchronize()
         step_time = time.perf_counter() - step_start
         metrics.update({
-            "loss": loss, "aux_loss": (aux_sum / accum).item(), "lr": lr, "grad_norm": grad_norm,
+            "loss": loss, "aux_loss": packed[1].item(), "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
         })
-        for k, v in router_sums.items():
-            metrics[k] = (v / accum).item()
+        metrics.update(zip(keys, packed[2:].tolist()))
         if t.eval_every > 0 and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-            eval_loss = evaluate(model, dataset, job, step, device, ctx)
+            eval_loss = evaluate(model, dataset, job, 0, device, ctx)  # same held-out windows every time
             metrics["eval_loss"] = eval_loss
         if device.type == "cuda":
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        history.append({"step": step, "loss": loss, "grad_norm": grad_norm, "aux_loss": metrics["aux_loss"]})
+        history.append({"step": step, "loss": loss, "grad_norm": grad_norm, "aux_loss": metrics["aux_loss"],
+                        "tokens_per_s": metrics["tokens_per_s"]})
         if sink is not None and (step % t.log_every == 0 or step + 1 == t.steps):
             sink.log(metrics, step)
         if report is not None and is_logger:
@@ -199,6 +206,8 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         "last_loss": history[-1]["loss"] if history else None, "eval_loss": eval_loss,
         "params_total": total_params, "params_active": active_params, "wall_time_s": wall,
         "tokens_per_s": tokens_per_step * t.steps / wall if wall > 0 else None,
+        # Steady state: the median step after the first three (allocator and autotuning warm-up).
+        "median_tokens_per_s": statistics.median(h["tokens_per_s"] for h in history[3:] or history),
         "losses": [h["loss"] for h in history], "grad_norms": [h["grad_norm"] for h in history],
         "aux_losses": [h["aux_loss"] for h in history], "world_size": ctx.world_size,
         "device": str(device), "expert_backend": backend,

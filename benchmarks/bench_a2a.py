@@ -1,0 +1,112 @@
+"""Dispatch+combine of the project's all-to-all path against bare all_to_all_single of the same bytes.
+
+One process per GPU (NCCL), run in one go:
+    NCCL_NVLS_ENABLE=0 python benchmarks/bench_a2a.py --gpus 2
+For each size, tokens are routed uniformly at random (top-k over E experts, hidden 7168, bf16). The
+project's path (count exchange and check, permutation, uneven all-to-all, regroup by local expert,
+return all-to-all, weighted combine) runs with identity experts so only data movement is timed.
+The baseline is two bare `all_to_all_single` calls with the same split sizes (dispatch + combine).
+Bandwidth counts the bytes that cross ranks, per rank.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class IdentityExperts(torch.nn.Module):
+    num_experts = 0
+
+    def forward(self, x, tokens_per_expert_E, *unused):
+        return x
+
+
+def _time(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        dist.barrier()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    from moe.parallel.expert_parallel import AllToAllDispatcher
+
+    E, K, D = args.experts, args.top_k, args.hidden
+    row_bytes = D * 2
+    disp = AllToAllDispatcher(dist.group.WORLD, world, rank, E, layer_id=0)
+    experts = IdentityExperts()
+    if rank == 0:
+        print(f"| MiB sent per rank (cross-rank) | tokens | bare a2a GB/s | ours GB/s | ratio |")
+        print("|---|---|---|---|---|")
+    for mib in args.sizes:
+        # cross-rank bytes per rank = T*K*(1-1/world)*row_bytes (uniform) -> choose T
+        T = int(mib * 2**20 / (K * (1 - 1 / world) * row_bytes))
+        g = torch.Generator(device="cuda").manual_seed(rank)
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+        idx = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
+        gate = torch.rand(T, K, device="cuda")
+        keep = torch.ones_like(idx, dtype=torch.bool)
+
+        def ours():
+            disp.run(x, idx, gate, keep, experts)
+
+        # Same splits for the baseline: count rows per destination rank once, outside the timing.
+        dest = (idx // (E // world)).flatten()
+        send = torch.bincount(dest, minlength=world)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        send_l, recv_l = send.tolist(), recv.tolist()
+        buf_in = torch.randn(sum(send_l), D, device="cuda", dtype=torch.bfloat16)
+        buf_out = torch.empty(sum(recv_l), D, device="cuda", dtype=torch.bfloat16)
+        back = torch.empty_like(buf_in)
+
+        def bare():
+            dist.all_to_all_single(buf_out, buf_in, recv_l, send_l)
+            dist.all_to_all_single(back, buf_out, send_l, recv_l)
+
+        cross = (sum(send_l) - send_l[rank]) * row_bytes * 2  # dispatch + combine
+        t_bare, t_ours = _time(bare, args.iters), _time(ours, args.iters)
+        if rank == 0:
+            print(f"| {cross / 2 / 2**20:.0f} | {T} | {cross / t_bare / 1e9:.1f} | {cross / t_ours / 1e9:.1f} | "
+                  f"{t_bare / t_ours:.3f} |", flush=True)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--sizes", type=float, nargs="+", default=[64, 128, 256, 512, 1024])
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(args.gpus, port, args), nprocs=args.gpus)
+
+
+if __name__ == "__main__":
+    main()
