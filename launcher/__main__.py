@@ -23,11 +23,21 @@ def main(cfg: DictConfig) -> None:
     if job.launcher.mode == "plan":
         from launcher.plan import print_plan
 
-        print_plan(job)
+        if print_plan(job):
+            sys.exit(1)
         return
-    from launcher.driver import run_training
+    from launcher.driver import RayConnectError, WorkerError, run_training
+    from launcher.preflight import ResourceError
+    from launcher.topology import TopologyError
 
-    summary = run_training(job)
+    try:
+        summary = run_training(job)
+    except (RayConnectError, ResourceError, TopologyError, WorkerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: workers stopped", file=sys.stderr)
+        sys.exit(130)
     print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
           + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
           + f", {summary['tokens_per_s']:.0f} tokens/s; run dir {job.run_dir}")

@@ -101,6 +101,9 @@ def validate(job: JobConfig) -> None:
             p.append(f"model.head_dim={m.head_dim}: rotary embedding needs an even width")
     if moe.top_k > moe.num_experts:
         p.append(f"model.moe.top_k={moe.top_k}: larger than model.moe.num_experts={moe.num_experts}")
+    if r.group_by == "ep_ranks" and job.parallel.ep >= 1:
+        # Groups become the experts of each EP rank; check the same rules against that count.
+        r = dataclasses.replace(r, n_group=job.parallel.ep)
     if r.n_group >= 1 and moe.num_experts % r.n_group:
         p.append(f"model.moe.router.n_group={r.n_group}: must divide model.moe.num_experts={moe.num_experts}")
     if r.topk_group > r.n_group:
@@ -164,6 +167,13 @@ def validate(job: JobConfig) -> None:
             p.append(f"train.{name}={getattr(t, name)}: must be >= 0")
     if t.log_every < 1:
         p.append(f"train.log_every={t.log_every}: must be >= 1")
+    if t.checkpoint_every < 0:
+        p.append(f"train.checkpoint_every={t.checkpoint_every}: must be >= 0 (0 disables checkpoints)")
+    if t.keep_checkpoints < 1:
+        p.append(f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1")
+    if t.resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(t.resume)):
+        p.append(f"train.resume={t.resume!r}: must be `auto`, `none` or an existing checkpoint folder "
+                 "(runs/<run>/checkpoints/step_NNNNNNNN)")
     if t.grad_clip < 0:
         p.append(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
 

@@ -1,78 +1,122 @@
-"""Ray driver: start or join Ray, check resources, run the training worker(s), stream progress."""
+"""Ray driver: start or join Ray, preflight, place the workers, verify the topology, train, stream progress.
+
+Order matters: nothing is reserved until the preflight (`launcher.preflight`) has checked the cluster's
+nodes against the plan, and no worker trains until the ranks it reported have been verified to be
+node-contiguous with EP and TP groups inside nodes (`launcher.topology`).
+"""
 from __future__ import annotations
 
 import os
-import time
-from typing import Any
+import re
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+from launcher.placement import WorkerGroup
+from launcher.preflight import choose_nodes, read_cluster
+from launcher.topology import Layout, assign_ranks, build_placements, format_table, write_topology
 from moe.config import ClusterConfig, JobConfig
 
-# Variables workers may inherit through Ray's runtime environment. Secrets (WANDB_API_KEY) are
-# deliberately absent: wandb reads the key from the worker's own environment or netrc.
-PASSTHROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "WANDB_", "TRITON_", "CUDA_")
-SECRET_NAMES = ("WANDB_API_KEY",)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class ResourceError(RuntimeError):
-    """The cluster cannot host the requested workers; raised before anything is reserved."""
+class RayConnectError(RuntimeError):
+    """The driver could not join the Ray cluster at cluster.address; the message says how to fix it."""
 
 
-def worker_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k.startswith(PASSTHROUGH_PREFIXES) and k not in SECRET_NAMES}
-    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off unless the user says otherwise
-    return env
+class WorkerError(RuntimeError):
+    """A training worker failed; the message names its rank and carries its error."""
+
+    def __init__(self, rank: int, node: int, message: str) -> None:
+        self.rank = rank
+        super().__init__(f"worker rank {rank} (node {node}) failed; all workers stopped:\n{message}")
 
 
-def init_ray(c: ClusterConfig) -> None:
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make a local Ray advertise 127.0.0.1, so its GCS, raylet and worker ports bind to loopback only.
+    Ray resolves `_node_ip_address="127.0.0.1"` to the machine's routable IP unless it believes clusters
+    are disabled (its Windows/macOS switch), and then binds every gRPC server to that loopback address."""
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray version: keep its own binding
+        yield
+        return
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old_env
+
+
+def _set_auth_mode(joining: bool) -> None:
+    """Starting a local Ray: RAY_AUTH_MODE=token unless the user set RAY_AUTH_MODE (Ray writes a token to
+    ~/.ray/auth_token if there is none), so auth does not depend on the Ray version's default.
+    Joining: the mode must match the cluster's, so it is the user's RAY_AUTH_MODE (on a cluster's own
+    nodes, e.g. under `ray job submit`, it is inherited from `ray start`). A driver in token mode cannot
+    schedule actors on a cluster without auth, so a token is never sent unasked; a cluster that wants one
+    is reported by `init_ray` with the fix."""
+    if joining or "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._raylet import Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray caches its config at import; re-read it so the mode applies to this process
+
+
+def _is_auth_failure(e: BaseException) -> bool:
+    seen: BaseException | None = e
+    while seen is not None:
+        if type(seen).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def init_ray(c: ClusterConfig) -> bool:
+    """Join `cluster.address` or start a local Ray; returns True when this call started it.
+
+    Token authentication is set explicitly rather than left to the Ray version's default (see
+    `_set_auth_mode`). A local Ray with cluster.dashboard_host on loopback (the default) binds every
+    port to 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
-        return
-    common: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True,
-                              "runtime_env": {"env_vars": worker_env()}}
+        return False
+    common: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    _set_auth_mode(joining=bool(c.address))
     if c.address:
-        ray.init(address=c.address, **common)
+        try:
+            ray.init(address=c.address, **common)
+        except Exception as e:
+            if _is_auth_failure(e):
+                raise RayConnectError(
+                    f"cluster.address={c.address}: the cluster requires token authentication and this driver "
+                    f"sent no valid token (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}); export "
+                    "RAY_AUTH_MODE=token and provide the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+                    "or ~/.ray/auth_token") from None
+            raise
+        return True
+    local_cpus = max(os.cpu_count() or 1, c.num_workers * c.cpus_per_worker)
+    # address="local": always a fresh Ray; a bare ray.init() would join any cluster already running here.
+    kwargs: dict[str, Any] = dict(address="local", num_cpus=local_cpus, include_dashboard=False,
+                                  dashboard_host=c.dashboard_host)
+    if c.dashboard_host in LOOPBACK:
+        with _loopback_only():
+            ray.init(_node_ip_address="127.0.0.1", **kwargs, **common)
     else:
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, c.num_workers * c.cpus_per_worker),
-            include_dashboard=False, dashboard_host=c.dashboard_host, **common,
-        )
-
-
-def check_resources(c: ClusterConfig) -> None:
-    """Fail fast (Ray would otherwise queue an infeasible request forever)."""
-    import ray
-
-    total = ray.cluster_resources()
-    need_cpu = c.num_workers * c.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise ResourceError(
-            f"cluster.num_workers={c.num_workers} x cluster.cpus_per_worker={c.cpus_per_worker} needs {need_cpu} CPUs, "
-            f"the Ray cluster has {total.get('CPU', 0):g}; lower them or add nodes")
-    if c.use_gpu and total.get("GPU", 0) < c.num_workers:
-        raise ResourceError(
-            f"cluster.num_workers={c.num_workers} with cluster.use_gpu=true needs {c.num_workers} GPUs, "
-            f"the Ray cluster has {total.get('GPU', 0):g}; lower cluster.num_workers or set cluster.use_gpu=false")
-
-
-def _worker_class():
-    import ray
-
-    @ray.remote
-    class TrainWorker:
-        def run(self, job: JobConfig, queue, threads: int) -> dict[str, Any]:
-            import torch
-
-            from moe.train.loop import train
-
-            torch.set_num_threads(threads)
-            return train(job, report=queue.put)
-
-    return TrainWorker
+        ray.init(**kwargs, **common)
+    return True
 
 
 class Progress:
-    """One progress bar on the driver, fed by the logging worker."""
+    """One progress bar on the driver, fed by the rank-0 worker."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.bar = None
@@ -93,33 +137,77 @@ class Progress:
             self.bar.close()
 
 
-def run_training(job: JobConfig) -> dict[str, Any]:
-    import ray
-    from ray.util.queue import Empty, Queue
+def _error_text(e: BaseException) -> str:
+    """The worker's own error: RayTaskError carries the remote traceback, actor deaths say why (Ray's
+    terminal colour codes removed, so logs and tests read plain text)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
 
-    c = job.cluster
-    if c.num_workers > 1:
-        raise ResourceError(f"cluster.num_workers={c.num_workers}: the multi-worker Ray driver is not in this "
-                            "version yet; run with cluster.num_workers=1")
-    init_ray(c)
+
+def _supervise(job: JobConfig, group: WorkerGroup, refs: list, queue, node_of_rank: list[int]) -> dict[str, Any]:
+    """Wait for every worker, feeding the progress bar; the first failure stops everyone."""
+    import ray
+    from ray.util.queue import Empty
+
+    rank_of = {ref: r for r, ref in enumerate(refs)}
+    results: dict[int, Any] = {}
+    pending = list(refs)
+    progress = Progress(job.logger.progress_bar, job.train.steps)
     try:
-        check_resources(c)
-        queue = Queue()
-        worker = _worker_class().options(num_cpus=c.cpus_per_worker, num_gpus=1 if c.use_gpu else 0).remote()
-        ref = worker.run.remote(job, queue, c.cpus_per_worker)
-        progress = Progress(job.logger.progress_bar, job.train.steps)
-        try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
             while True:
-                done, _ = ray.wait([ref], timeout=0.2)
-                while True:
-                    try:
-                        progress.update(queue.get_nowait())
-                    except Empty:
-                        break
-                if done:
+                try:
+                    progress.update(queue.get_nowait())
+                except Empty:
                     break
-            return ray.get(ref)
-        finally:
-            progress.close()
+            for ref in done:
+                rank = rank_of[ref]
+                try:
+                    results[rank] = ray.get(ref)
+                except Exception as e:  # RayTaskError, RayActorError, ...: stop everyone, name the rank
+                    group.shutdown()
+                    raise WorkerError(rank, node_of_rank[rank], _error_text(e)) from None
     finally:
+        progress.close()
+    return results[0]
+
+
+def run_training(job: JobConfig) -> dict[str, Any]:
+    """Run `job` on the Ray cluster; returns rank 0's summary. Raises ResourceError / TopologyError
+    before anything is reserved, WorkerError when a worker fails."""
+    import ray
+    from ray.util.queue import Queue
+
+    c, par = job.cluster, job.parallel
+    layout = Layout(par.dp, par.tp, par.pp, par.ep)
+    job.run_dir = os.path.abspath(job.run_dir)  # workers may not share the driver's working directory
+    os.makedirs(job.run_dir, exist_ok=True)
+    init_ray(c)
+    group: WorkerGroup | None = None
+    try:
+        plan = choose_nodes(read_cluster(c.use_gpu, c.cpus_per_worker), c.num_workers, c.workers_per_node,
+                            c.use_gpu, c.cpus_per_worker, layout, par.allow_cross_node_ep)
+        group = WorkerGroup(plan, c.use_gpu, c.cpus_per_worker)
+        started = group.describe()
+        by_index = {s.info.handle_index: s for s in started}
+        ranked = assign_ranks([s.info for s in started], [n.node_id for n in plan.nodes])
+        placements = build_placements(layout, ranked, plan.workers_per_node, par.allow_cross_node_ep)
+        write_topology(os.path.join(job.run_dir, "topology.json"), layout, placements, plan.workers_per_node)
+        print(f"topology: {layout.world} workers on {len(plan.nodes)} node(s), {plan.workers_per_node} per node "
+              f"(verified from the workers' reports; written to {job.run_dir}/topology.json)", file=sys.stderr)
+        print(format_table(placements), file=sys.stderr)
+
+        handles = [by_index[w.handle_index].handle for w in ranked]
+        node_of_rank = [p.node_index for p in placements]
+        master_addr = placements[0].node_ip
+        master_port = ray.get(handles[0].free_port.remote())
+        queue = Queue(actor_options={"num_cpus": 0})
+        refs = [h.run.remote(job, rank, layout.world, master_addr, master_port, node_of_rank,
+                             queue if rank == 0 else None, c.cpus_per_worker)
+                for rank, h in enumerate(handles)]
+        return _supervise(job, group, refs, queue, node_of_rank)
+    finally:
+        # Also on Ctrl-C: kill the actors first so no worker outlives the driver, then leave Ray.
+        if group is not None:
+            group.shutdown()
         ray.shutdown()

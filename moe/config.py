@@ -153,6 +153,13 @@ class TrainConfig:
     """Micro-batches per evaluation."""
     log_every: int = 1
     """Write metrics every this many steps."""
+    checkpoint_every: int = 0
+    """Save a sharded checkpoint every this many steps (and at the end); 0 disables checkpoints."""
+    keep_checkpoints: int = 3
+    """Keep the newest this many complete checkpoints; older ones are deleted."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in the run dir, if any; `none`: start
+    fresh; or a path to a checkpoint folder written by an earlier run."""
 
 
 @dataclass

@@ -76,6 +76,8 @@ def test_plus_key_nested_is_refused():
         (["cluster.num_workers=4", "parallel.dp=4", "cluster.workers_per_node=3"],
          r"cluster\.workers_per_node=3: must divide cluster\.num_workers=4"),
         (["train.lr=0"], r"train\.lr=0\.0: must be > 0"),
+        (["train.resume=/no/such/ckpt"], r"train\.resume='/no/such/ckpt': must be `auto`, `none` or an existing"),
+        (["train.checkpoint_every=-1"], r"train\.checkpoint_every=-1: must be >= 0"),
     ],
 )
 def test_cross_field_errors(overrides, pattern):

@@ -23,6 +23,7 @@ from moe.parallel.expert_parallel import apply_expert_parallel, tie_router_group
 from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradients
 from moe.parallel.mesh import ParallelContext
 from moe.train.load_metrics import model_load_metrics
+from moe.train import checkpoint
 from moe.train.optim import build_optimizer, lr_at, set_lr
 from moe.train.traffic import routing_spread_metrics, traffic_metrics
 from moe.train.sinks import JsonlSink, MetricsSink, MultiSink, WandbSink
@@ -117,6 +118,13 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
     batch_rank, batch_ranks = ctx.dp_rank, ctx.dp
     dataset = build_dataset(job.data, t.seq_len, t.seed, job.model.vocab_size)
     optimizer = build_optimizer(model, t)
+    ckpt_root = os.path.join(job.run_dir, "checkpoints")
+    start_step = 0
+    resume_from = checkpoint.choose(ckpt_root, t.resume, ctx) if t.resume != "none" else None
+    if resume_from is not None:
+        start_step = checkpoint.load(resume_from, model, optimizer, ctx)["step"] + 1
+        if ctx.rank == 0:
+            print(f"[checkpoint] resumed from {resume_from}: continuing at step {start_step}", flush=True)
     is_logger = ctx.rank == 0
     sink = build_sinks(job, job.model.name) if is_logger else None
 
@@ -128,7 +136,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
     eval_loss = None
     started = time.perf_counter()
 
-    for step in range(t.steps):
+    for step in range(start_step, t.steps):
         step_start = time.perf_counter()
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
@@ -199,10 +207,12 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
             sink.log(metrics, step)
         if report is not None and is_logger:
             report({"step": step, "loss": loss, "tokens_per_s": metrics["tokens_per_s"], "steps": t.steps})
+        if t.checkpoint_every > 0 and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
+            checkpoint.save(ckpt_root, step, model, optimizer, ctx, {"step": step}, t.keep_checkpoints)
 
     wall = time.perf_counter() - started
     summary = {
-        "model": job.model.name, "steps": t.steps, "first_loss": history[0]["loss"] if history else None,
+        "model": job.model.name, "steps": t.steps, "start_step": start_step, "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None, "eval_loss": eval_loss,
         "params_total": total_params, "params_active": active_params, "wall_time_s": wall,
         "tokens_per_s": tokens_per_step * t.steps / wall if wall > 0 else None,

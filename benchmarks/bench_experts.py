@@ -1,0 +1,268 @@
+"""Routed-expert FFN benchmark: the Triton kernel against the torch._grouped_mm pipeline and the loop.
+
+Run on one GPU, in one process:
+    python benchmarks/bench_experts.py [--check] [--shapes qwen3_30b_a3b,...] [--json out.json]
+
+Every backend runs in gather mode (x rows read through row_idx_S, gate-weighted scatter-add into T
+rows), bf16, as the MoE layer calls it. Times are the median of --iters CUDA-event timings after warm-up
+(which also runs the autotuner). Forward is the training forward (inputs require grad, so the
+activations for backward are kept); forward+backward returns the gradients of x, the three weights and
+the gate through torch.autograd.grad (no .grad accumulation in the timing). TFLOP/s counts the useful
+work only: forward 2*T*k*D*3F, forward+backward 3x that. Peak memory is the allocator's peak during
+one forward+backward, over what the inputs and weights already hold.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moe.model.experts import routed_experts  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    E: int
+    D: int
+    F: int
+    T: int
+    k: int
+
+
+SHAPES = {
+    "deepseek_small": Shape(E=32, D=1024, F=512, T=16384, k=4),
+    "dsv3_16b": Shape(E=64, D=2048, F=1408, T=16384, k=6),
+    "qwen3_30b_a3b": Shape(E=128, D=2048, F=768, T=32768, k=8),
+    "fine_grained": Shape(E=256, D=7168, F=2048, T=4096, k=8),
+}
+# The per-expert loop is timed only where it finishes in reasonable time (it syncs and launches ~10
+# kernels per expert).
+LOOP_MAX_EXPERTS = 64
+
+
+def make_routing(s: Shape, skew: str, gen: torch.Generator, device: torch.device):
+    """Top-k routing; `zipf`: expert popularity ~ 1/rank (random expert order), k distinct per token."""
+    u = torch.rand(s.T, s.E, device=device, generator=gen)
+    if skew == "uniform":
+        scores = u
+    else:
+        rank = torch.randperm(s.E, device=device, generator=gen)
+        # Gumbel top-k of log p samples k distinct experts with probabilities p, without replacement.
+        scores = -torch.log1p(rank.float()) - torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    expert_idx_TK = scores.topk(s.k, dim=1).indices
+    flat = expert_idx_TK.reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    row_idx_S = order // s.k
+    tokens_per_expert_E = torch.bincount(flat, minlength=s.E)
+    gate_S = torch.rand(s.T * s.k, device=device, generator=gen)[order]  # fp32, as the router gives
+    return row_idx_S, gate_S, tokens_per_expert_E
+
+
+def make_inputs(s: Shape, gen: torch.Generator, device: torch.device, dtype=torch.bfloat16):
+    x = torch.randn(s.T, s.D, device=device, generator=gen).to(dtype)
+    wg = (torch.randn(s.E, s.D, s.F, device=device, generator=gen) / s.D**0.5).to(dtype)
+    wu = (torch.randn(s.E, s.D, s.F, device=device, generator=gen) / s.D**0.5).to(dtype)
+    wd = (torch.randn(s.E, s.F, s.D, device=device, generator=gen) / s.F**0.5).to(dtype)
+    return x, wg, wu, wd
+
+
+def time_ms(fn, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in events)
+
+
+def peak_extra_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def bench_case(name: str, s: Shape, skew: str, backends: list[str], iters: int, warmup: int, device) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, wg, wu, wd = make_inputs(s, gen, device)
+    row_idx_S, gate_S, counts_E = make_routing(s, skew, gen, device)
+    leaves = [t.requires_grad_() for t in (x, wg, wu, wd)]
+    gate_S.requires_grad_()
+    dy = torch.randn(s.T, s.D, device=device, generator=gen).to(torch.bfloat16)
+    flops_fwd = 2 * s.T * s.k * s.D * 3 * s.F
+    rows = []
+    for backend in backends:
+        if backend == "torch" and s.E > LOOP_MAX_EXPERTS:
+            continue
+
+        def fwd():
+            return routed_experts(*leaves, counts_E, row_idx_S, gate_S, s.T, backend=backend)
+
+        def fwd_bwd():
+            out = fwd()
+            return torch.autograd.grad(out, [*leaves, gate_S], dy)
+
+        t_f = time_ms(fwd, iters, warmup)
+        t_fb = time_ms(fwd_bwd, iters, warmup)
+        mem = peak_extra_bytes(fwd_bwd)
+        rows.append(dict(
+            shape=name, skew=skew, backend=backend, fwd_ms=t_f, fwdbwd_ms=t_fb,
+            fwd_tflops=flops_fwd / t_f / 1e9, fwdbwd_tflops=3 * flops_fwd / t_fb / 1e9,
+            peak_extra_gib=mem / 2**30, max_tokens_per_expert=int(counts_E.max()),
+            mean_tokens_per_expert=s.T * s.k / s.E,
+        ))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def bench_dense(name: str, s: Shape, iters: int, warmup: int, device) -> dict:
+    """One cuBLAS matmul with the forward's FLOPs: [T*k, D] @ [D, 3F]."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    a = torch.randn(s.T * s.k, s.D, device=device, generator=gen).to(torch.bfloat16)
+    b = torch.randn(s.D, 3 * s.F, device=device, generator=gen).to(torch.bfloat16)
+    t = time_ms(lambda: a @ b, iters, warmup)
+    row = dict(shape=name, backend="dense_matmul", fwd_ms=t, fwd_tflops=2 * s.T * s.k * s.D * 3 * s.F / t / 1e9)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def profile_kernels(name: str, s: Shape, backends: list[str], device) -> None:
+    """Per-kernel GPU time of one forward+backward (uniform routing), from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    leaves = [t.requires_grad_() for t in make_inputs(s, gen, device)]
+    row_idx_S, gate_S, counts_E = make_routing(s, "uniform", gen, device)
+    gate_S.requires_grad_()
+    dy = torch.randn(s.T, s.D, device=device, generator=gen).to(torch.bfloat16)
+    for backend in backends:
+        if backend == "torch":
+            continue
+
+        def step():
+            out = routed_experts(*leaves, counts_E, row_idx_S, gate_S, s.T, backend=backend)
+            return torch.autograd.grad(out, [*leaves, gate_S], dy)
+
+        step()
+        torch.cuda.synchronize()
+        reps = 3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+        evs = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        total = sum(e.device_time_total for e in evs) / reps / 1e3
+        print(f"# profile {name} {backend}: {total:.3f} ms of kernels per fwd+bwd", flush=True)
+        for e in evs[:12]:
+            print(f"#   {e.device_time_total / reps / 1e3:8.3f} ms  x{e.count // reps:<3d} {e.key[:90]}", flush=True)
+
+
+def print_autotune_choices() -> None:
+    try:
+        from moe.kernels import swiglu_bwd, swiglu_fwd
+    except ImportError:
+        return
+    for mod in (swiglu_fwd, swiglu_bwd):
+        for kname in dir(mod):
+            k = getattr(mod, kname)
+            for key, cfg in getattr(k, "cache", {}).items():
+                print(f"# autotune {kname} D,F={key[:2]}: {cfg}", flush=True)
+
+
+def check(device) -> list[dict]:
+    """bf16 kernel vs the torch backend in fp32 on the same values: output and every gradient."""
+    s = Shape(E=32, D=1024, F=768, T=2048, k=4)
+    out = []
+    for skew in ("uniform", "zipf"):
+        gen = torch.Generator(device=device).manual_seed(2)
+        x, wg, wu, wd = make_inputs(s, gen, device)
+        row_idx_S, gate_S, counts_E = make_routing(s, skew, gen, device)
+        dy = torch.randn(s.T, s.D, device=device, generator=gen)
+        res = {}
+        for backend, dtype in (("triton", torch.bfloat16), ("grouped_mm", torch.bfloat16), ("torch", torch.float32)):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (x, wg, wu, wd)]
+            g = gate_S.detach().clone().requires_grad_()
+            y = routed_experts(*leaves, counts_E, row_idx_S, g, s.T, backend=backend)
+            grads = torch.autograd.grad(y, [*leaves, g], dy.to(y.dtype))
+            res[backend] = [y.float()] + [t.float() for t in grads]
+        for backend in ("triton", "grouped_mm"):
+            errs = {n: ((a - b).norm() / b.norm()).item() for n, a, b in
+                    zip(["out", "dx", "dw_gate", "dw_up", "dw_down", "dgate"], res[backend], res["torch"])}
+            ok = all(e < 1e-2 for e in errs.values()) and all(torch.isfinite(a).all() for a in res[backend])
+            out.append(dict(check=backend, skew=skew, ok=bool(ok), **errs))
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--backends", default="triton,grouped_mm,torch")
+    ap.add_argument("--skews", default="uniform,zipf")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--check", action="store_true", help="bf16 correctness check against the fp32 torch backend first")
+    ap.add_argument("--json", default=None, help="write every row here")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd per shape")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+    rows: list[dict] = []
+    if args.check:
+        rows += check(device)
+    for name in args.shapes.split(","):
+        s = SHAPES[name]
+        print(f"# {name} {asdict(s)}", flush=True)
+        rows.append(bench_dense(name, s, args.iters, args.warmup, device))
+        for skew in args.skews.split(","):
+            rows += bench_case(name, s, skew, args.backends.split(","), args.iters, args.warmup, device)
+        torch.cuda.empty_cache()
+        if args.profile:
+            profile_kernels(name, s, args.backends.split(","), device)
+            torch.cuda.empty_cache()
+    print_autotune_choices()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    rows = [r for r in rows if "shape" in r]
+    dense = {r["shape"]: r["fwd_tflops"] for r in rows if r.get("backend") == "dense_matmul"}
+    pipe = {(r["shape"], r["skew"]): r for r in rows if r.get("backend") == "grouped_mm"}
+    uni = {(r["shape"], r["backend"]): r for r in rows if r.get("skew") == "uniform"}
+    print("\n| shape | routing | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs grouped_mm "
+          "| fwd vs dense | vs uniform (fwd+bwd) | peak extra GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "skew" not in r or "backend" not in r:
+            continue
+        p = pipe.get((r["shape"], r["skew"]))
+        u = uni.get((r["shape"], r["backend"]))
+        ratio = f"{p['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x" if p else "-"
+        vs_dense = f"{r['fwd_tflops'] / dense[r['shape']]:.0%}" if r["shape"] in dense else "-"
+        skew = f"{r['fwdbwd_ms'] / u['fwdbwd_ms']:.2f}x" if u else "-"
+        print(f"| {r['shape']} | {r['skew']} | {r['backend']} | {r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | "
+              f"{r['fwdbwd_ms']:.3f} | {r['fwdbwd_tflops']:.0f} | {ratio} | {vs_dense} | {skew} | "
+              f"{r['peak_extra_gib']:.2f} |")
+    for shape, tf in dense.items():
+        print(f"| {shape} | - | dense matmul (same FLOPs) | - | {tf:.0f} | - | - | - | 100% | - | - |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Shared pieces of the grouped expert kernels: tile scheduling and autotune configs.
+
+Rows are grouped by expert (expert e owns rows [start_e, start_e + count_e) of the sorted order) and the
+counts live on the device, so the host never learns how many row tiles each expert has: every launch is
+sized by an upper bound and each program works out its tiles from the counts itself. That keeps the
+whole MoE layer free of host syncs.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once at import, like Triton itself: the interpreter runs kernels on CPU tensors, one program
+# after another, so it wants a single small config and a small persistent grid.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# MOE_TRITON_AUTOTUNE=0 keeps the first config of each list: tests on the GPU compile many small shapes
+# and should not pay a benchmark of every config for each. MOE_TRITON_TUNE=wide adds the exploration
+# configs (used to choose the short lists; costs a compile each).
+AUTOTUNE = os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
+WIDE_TUNE = os.environ.get("MOE_TRITON_TUNE", "") == "wide"
+
+Spec = tuple[int, ...]  # (BM, BN, BK, num_warps, num_stages[, programs per SM])
+
+
+def tile_configs(specs: list[Spec], wide: list[Spec] = (), persistent: bool = False) -> list[triton.Config]:
+    """Autotune configs; the first is the default.
+
+    Hopper sizes: 128-row tiles feed wgmma's 64-row warpgroup instructions twice over with 8 warps;
+    BK=64 bf16 gives 128-byte rows for the async copies; stages are bounded by the 227 KB of shared
+    memory. Persistent kernels also take PPS, programs per SM: 2 lets one program's epilogue overlap
+    another's main loop where two fit in shared memory.
+    """
+    if INTERPRET:
+        # 16 is tl.dot's smallest size; tiny tiles make the tests cross tile and expert borders.
+        meta = {"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2} | ({"PPS": 1} if persistent else {})
+        return [triton.Config(meta, num_warps=4, num_stages=1)]
+    cfgs = []
+    for spec in list(specs) + (list(wide) if WIDE_TUNE else []):
+        bm, bn, bk, w, st = spec[:5]
+        meta = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}
+        if persistent:
+            meta["PPS"] = spec[5] if len(spec) > 5 else 1
+        cfgs.append(triton.Config(meta, num_warps=w, num_stages=st))
+    return cfgs
+
+
+# Hopper's shared memory per block (the limit Triton reports on an H100), less a margin for scratch.
+SMEM_BYTES = 232448 - 2048
+
+
+def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False):
+    """`early_config_prune` dropping configs whose pipeline buffers exceed shared memory.
+
+    Per stage a kernel holds one [BM, BK] A tile and `b_tiles` [BK, BN] B tiles of the dtype of
+    argument `a_ptr` (fp32 needs twice bf16's room). Triton keeps `num_stages` buffers, except where
+    the gather index is loaded inside the K loop (weight-gradient kernels in gather mode): that load
+    takes two of the stages (seen in the compiled kernels). With MOE_TRITON_AUTOTUNE=0 the first
+    config that fits is kept; where none fits, a 64x64x32 tile is used.
+    """
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        esize = named_args[a_ptr].element_size()
+        gather = bool(kwargs.get("GATHER", named_args.get("GATHER", False)))
+
+        def need(c: triton.Config) -> int:
+            bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
+            buffers = max(1, c.num_stages - 2) if (index_in_loop and gather) else c.num_stages
+            return buffers * (bm * bk + b_tiles * bk * bn) * esize
+
+        fitting = [c for c in configs if need(c) <= SMEM_BYTES]
+        if not fitting:  # fp32 operands on lists sized for bf16: a small tile that always fits
+            base = configs[0]
+            small = {**base.kwargs, "BM": 64, "BN": 64, "BK": 32}
+            fitting = [triton.Config(small, num_warps=4, num_stages=3)]
+        return fitting if AUTOTUNE else fitting[:1]
+
+    return prune
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def persistent_programs(device: torch.device) -> int:
+    """SMs to size a persistent launch by (times the config's PPS)."""
+    if INTERPRET or device.type != "cuda":
+        return 3  # a few programs, so the tests exercise the persistent loop's stride
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+@triton.jit
+def expert_blocks(counts_ptr, E, E_POW2: tl.constexpr, BM: tl.constexpr):
+    """Per-expert row counts, their BM-row block counts, and inclusive cumsums of both (vectors of E_POW2)."""
+    e_idx = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + e_idx, mask=e_idx < E, other=0)
+    nblk = (cnt + BM - 1) // BM
+    blk_end = tl.cumsum(nblk, 0)
+    row_end = tl.cumsum(cnt, 0)
+    return e_idx, cnt, nblk, blk_end, row_end
+
+
+@triton.jit
+def locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM: tl.constexpr):
+    """Expert of global row block `pid_m`, the block's first row, and the expert's end row.
+
+    O(E) vector work per tile, against a BM x BN x K product: negligible, and no host sync.
+    """
+    e = tl.sum((blk_end <= pid_m).to(tl.int32), 0)
+    sel = e_idx == e
+    blk_start = tl.sum(tl.where(sel, blk_end - nblk, 0), 0)
+    m_end = tl.sum(tl.where(sel, row_end, 0), 0)
+    m_lo = m_end - tl.sum(tl.where(sel, cnt, 0), 0)
+    return e, m_lo + (pid_m - blk_start) * BM, m_end
+
+
+@triton.jit
+def swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """GROUP_M row blocks share each column block in turn, so neighbouring programs reuse L2 lines."""
+    width = GROUP_M * num_n
+    group = tile // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % size_m
+    pid_n = (tile % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def zero_tail_rows(out_ptr, first_row, num_rows, N, pid, nprog, BM: tl.constexpr, BN: tl.constexpr):
+    """Zero rows [first_row, num_rows) of a row-major [num_rows, N] output, spread over the programs.
+
+    Pre-grouped inputs may carry padding rows past the counted ones; they belong to no expert and must
+    read zero, and doing it here spares the host a sync to learn where the padding starts.
+    """
+    offs_r = tl.arange(0, BM)
+    offs_c = tl.arange(0, BN)
+    zeros = tl.zeros((BM, BN), dtype=out_ptr.dtype.element_ty)
+    for r0 in range(first_row + pid * BM, num_rows, nprog * BM):
+        rows = r0 + offs_r
+        for c0 in range(0, N, BN):
+            cols = c0 + offs_c
+            mask = (rows[:, None] < num_rows) & (cols[None, :] < N)
+            tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], zeros, mask=mask)

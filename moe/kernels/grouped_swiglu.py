@@ -1,0 +1,221 @@
+"""Fused routed-expert SwiGLU FFN: the `triton` backend of `moe.model.experts.routed_experts`.
+
+Forward, two launches over all experts: gate+up with SwiGLU fused (x rows gathered in the loads), then
+down with the gate weight and the scatter-add to token rows fused in the epilogue. Backward, five:
+dy @ w_down^T (dy rows gathered), the SwiGLU/gate backward over whole rows, the two weight-gradient
+GEMMs, and dx with its scatter-add. No permuted copy of x, y or dy is made; the saved state is the
+two [S, F] pre-activations.
+
+Shapes: x [X, D]; weights w_gate/w_up [E, D, F], w_down [E, F, D]; S routed rows sorted by expert.
+Precision: operands in the compute dtype (bf16 on GPU; fp32/fp16 work too), fp32 accumulation; the
+gather-mode scatter-adds are atomics (bf16 for bf16, else fp32), so results are not bitwise
+deterministic across runs, like index_add.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from moe.kernels._tiles import INTERPRET, persistent_programs
+from moe.kernels.swiglu_bwd import dh_bwd, dw_down_bwd, dw_gate_up_bwd, dx_bwd, swiglu_bwd_rows
+from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
+
+# MOE_TRITON_SCATTER=fp32 makes bf16 scatter-adds accumulate in an fp32 buffer (see _scatter_dtype).
+SCATTER_BF16 = os.environ.get("MOE_TRITON_SCATTER", "bf16") == "bf16"
+# Tests set this to fill every buffer a kernel must write with NaN, so an element no program wrote shows.
+POISON_BUFFERS = False
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_BUFFERS else t
+
+
+def _scatter_dtype(dt: torch.dtype) -> torch.dtype:
+    """Dtype the gather-mode scatter-adds accumulate in.
+
+    bf16 adds (Hopper's vector bf16 atomics) write half the bytes and skip the fp32 buffer's zero-fill
+    and cast, at the rounding the torch backends' bf16 index_add also has; MOE_TRITON_SCATTER=fp32
+    accumulates in fp32 instead. fp16 always goes through fp32.
+    """
+    if dt == torch.bfloat16 and SCATTER_BF16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands get true fp32 products (Triton's default would be tf32, ~1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _e_pow2(num_experts: int) -> int:
+    """Width of the in-kernel per-expert vectors: one compiled kernel serves every E up to 256."""
+    return max(256, triton.next_power_of_2(num_experts))
+
+
+def _row_grid(num_rows: int, num_experts: int, n: int, progs: int):
+    """Persistent grid: PPS programs per SM, never more than the upper bound of tiles.
+
+    Each expert wastes at most one partial row block, so ceil(S / BM) + E row blocks bound the real count.
+    """
+    def grid(meta: dict) -> tuple[int]:
+        upper = (triton.cdiv(num_rows, meta["BM"]) + num_experts) * triton.cdiv(n, meta["BN"])
+        return (max(1, min(progs * meta["PPS"], upper)),)
+
+    return grid
+
+
+class GroupedSwiGLU(torch.autograd.Function):
+    """Autograd wrapper; inputs are already in the compute dtype, contiguous, on one device."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        w_gate_EDF: torch.Tensor,
+        w_up_EDF: torch.Tensor,
+        w_down_EFD: torch.Tensor,
+        counts_E: torch.Tensor,
+        row_idx_S: torch.Tensor | None,
+        gate_S: torch.Tensor | None,
+        num_out_rows: int,
+    ) -> torch.Tensor:
+        E, D, F = w_gate_EDF.shape
+        gather = row_idx_S is not None
+        S = row_idx_S.numel() if gather else x.shape[0]
+        dev, dt = x.device, x.dtype
+        progs = persistent_programs(dev)
+        e_pow2 = _e_pow2(E)
+        prec = _dot_precision(dt)
+        # forward runs under no_grad; needs_input_grad says whether a backward can come.
+        save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 6))
+        dummy = counts_E  # stands in for absent pointers; never read
+
+        h_SF = _empty(S, F, dtype=dt, device=dev)
+        g_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
+        u_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
+        gate_up_fwd[_row_grid(S, E, F, progs)](
+            x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
+            E, D, F, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec,
+        )
+        if gather:
+            # Accumulator for the scatter-add (top-k rows meet in one token row).
+            out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
+        else:
+            out = _empty(S, D, dtype=dt, device=dev)
+        down_fwd[_row_grid(S, E, D, progs)](
+            h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if gather else dummy,
+            counts_E, out, E, D, F, out.shape[0],
+            SCATTER=gather, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec,
+        )
+        if gather and out.dtype != dt:
+            out = out.to(dt)
+        del h_SF
+        if save:
+            ctx.save_for_backward(x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF = ctx.saved_tensors
+        E, D, F = w_gate_EDF.shape
+        gather = row_idx_S is not None
+        has_gate = gate_S is not None
+        S = g_SF.shape[0]
+        dev, dt = x.device, x.dtype
+        progs = persistent_programs(dev)
+        e_pow2 = _e_pow2(E)
+        prec = _dot_precision(dt)
+        dummy = counts_E
+        dy = grad_out.to(dt).contiguous()
+
+        a_SF = _empty(S, F, dtype=dt, device=dev)
+        dh_bwd[_row_grid(S, E, F, progs)](
+            dy, row_idx_S if gather else dummy, w_down_EFD, counts_E, a_SF, E, D, F,
+            GATHER=gather, E_POW2=e_pow2, DOT_PREC=prec,
+        )
+        dg_SF = _empty(S, F, dtype=dt, device=dev)
+        du_SF = _empty(S, F, dtype=dt, device=dev)
+        hc_SF = _empty(S, F, dtype=dt, device=dev)
+        dgate32_S = _empty(S, dtype=torch.float32, device=dev) if has_gate else dummy
+        swiglu_bwd_rows[lambda m: (triton.cdiv(S, m["BR"]),)](
+            a_SF, g_SF, u_SF, gate_S if has_gate else dummy, counts_E, dg_SF, du_SF, hc_SF, dgate32_S, S, E, F,
+            HAS_GATE=has_gate, E_POW2=e_pow2,
+        )
+        del a_SF
+
+        d_wg = d_wu = d_wd = None
+        need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        if need_w:
+            counts64 = counts_E.to(torch.int64)
+            starts_E = torch.cumsum(counts64, 0) - counts64
+            # Longest experts first: their tiles run longest, so they must not start last.
+            order_E = torch.argsort(counts_E, descending=True, stable=True)
+            starts_R = starts_E[order_E].to(torch.int32)  # R: experts by rank in that order
+            counts_R = counts_E[order_E]
+            order_E = order_E.to(torch.int32)
+            d_wd = _empty(E, F, D, dtype=dt, device=dev)
+            dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
+                hc_SF, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, d_wd, D, F,
+                GATHER=gather, DOT_PREC=prec,
+            )
+            d_wg = _empty(E, D, F, dtype=dt, device=dev)
+            d_wu = _empty(E, D, F, dtype=dt, device=dev)
+            dw_gate_up_bwd[lambda m: (E * triton.cdiv(D, m["BM"]) * triton.cdiv(F, m["BN"]),)](
+                x, dg_SF, du_SF, row_idx_S if gather else dummy, order_E, starts_R, counts_R, d_wg, d_wu, D, F,
+                GATHER=gather, DOT_PREC=prec,
+            )
+        del hc_SF
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if gather:
+                dx = torch.zeros(x.shape[0], D, dtype=_scatter_dtype(dt), device=dev)
+            else:
+                dx = _empty(x.shape[0], D, dtype=dt, device=dev)
+            dx_bwd[_row_grid(S, E, D, progs)](
+                dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if gather else dummy, counts_E, dx, E, D, F, dx.shape[0],
+                SCATTER=gather, E_POW2=e_pow2, DOT_PREC=prec,
+            )
+            if gather and dx.dtype != dt:
+                dx = dx.to(dt)
+
+        d_gate = None
+        if has_gate and ctx.needs_input_grad[6]:
+            d_gate = dgate32_S.to(gate_S.dtype)
+        return dx, d_wg, d_wu, d_wd, None, None, d_gate, None
+
+
+def triton_routed_experts(
+    x: torch.Tensor,
+    w_gate_EDF: torch.Tensor,
+    w_up_EDF: torch.Tensor,
+    w_down_EFD: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    row_idx_S: torch.Tensor | None = None,
+    gate_S: torch.Tensor | None = None,
+    num_out_rows: int | None = None,
+) -> torch.Tensor:
+    """Same contract and result as `routed_experts(..., backend="torch")`; see moe/model/experts.py."""
+    dev = x.device
+    if dev.type != "cuda" and not INTERPRET:
+        raise RuntimeError("the triton expert backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    # Under autocast the torch backend's matmuls run in the autocast dtype; match it.
+    dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
+    x_c = x.to(dt).contiguous()
+    wg, wu, wd = (w.to(dt).contiguous() for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    counts_E = tokens_per_expert_E.to(device=dev, dtype=torch.int32)
+    gather = row_idx_S is not None
+    S = row_idx_S.numel() if gather else x.shape[0]
+    out_rows = (x.shape[0] if num_out_rows is None else num_out_rows) if gather else x.shape[0]
+    if S == 0:
+        # Nothing routed: zeros, with every input still in the graph so gradients are zeros, not None.
+        keep = sum(t.sum() for t in (x_c, wg, wu, wd)) * 0.0
+        if gate_S is not None:
+            keep = keep + gate_S.sum().to(dt) * 0.0
+        return torch.zeros(out_rows, x.shape[1], dtype=dt, device=dev) + keep
+    idx = row_idx_S.to(torch.int32).contiguous() if gather else None
+    gate = gate_S.contiguous() if gate_S is not None else None
+    return GroupedSwiGLU.apply(x_c, wg, wu, wd, counts_E, idx, gate, out_rows)

@@ -1,0 +1,291 @@
+"""Backward kernels of the grouped SwiGLU experts.
+
+With dy the gradient of the output (read at the token's row in gather mode) and c the gate weight:
+- `dh_bwd` (row tiles, K = D): a = dy_rows @ w_down[e]^T.
+- `swiglu_bwd_rows` (whole rows): recomputes h = silu(g) * u from the saved pre-activations and gives
+  dgate = <h, a>, dg and du of the SwiGLU, and hc = c * h for the down projection's weight gradient.
+- `dw_down_bwd` (weight tiles, K = the expert's rows): dw_down[e] = hc_e^T @ dy_rows_e.
+- `dw_gate_up_bwd` (weight tiles): dw_gate[e] = x_rows_e^T @ dg_e and dw_up[e] = x_rows_e^T @ du_e with one
+  load of the x tile for both.
+- `dx_bwd` (row tiles, K = F): dx_rows = dg @ w_gate[e]^T + du @ w_up[e]^T, atomically added to the token's
+  row in gather mode.
+The weight-gradient kernels take one program per output tile, experts ordered by descending row count,
+so the long tiles of a hot expert start first and skewed routing does not leave a tail.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe.kernels._tiles import (
+    AUTOTUNE, INTERPRET, expert_blocks, locate_block, smem_prune, swizzle, tile_configs, zero_tail_rows,
+)
+
+
+@triton.autotune(
+    configs=tile_configs(
+        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
+        wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1)], persistent=True,
+    ),
+    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1)},
+)
+@triton.jit
+def dh_bwd(
+    dy_ptr, row_idx_ptr, wd_ptr, counts_ptr, a_ptr,
+    E, D, F,
+    GATHER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+):
+    """a = dy_rows @ w_down[e]^T, stored per sorted row.
+
+    The SwiGLU backward is a separate row kernel: fused here its epilogue held five fp32 tiles and
+    spilled, and the GEMM ran at half the speed of the others (measured on H100).
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
+    num_m = tl.sum(nblk, 0)
+    num_n = tl.cdiv(F, BN)
+    for tile in range(pid, num_m * num_n, nprog):
+        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
+        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        offs_m = m_start + tl.arange(0, BM)
+        row_ok = offs_m < m_end
+        if GATHER:
+            src = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        else:
+            src = tl.where(row_ok, offs_m, m_start).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_nw = offs_n % F
+        offs_k = tl.arange(0, BK)
+        a_ptrs = dy_ptr + src[:, None] * D + offs_k[None, :]
+        # B[k, n] = w_down[e][n, k]: w_down read transposed, no transposed copy made.
+        b_ptrs = wd_ptr + e.to(tl.int64) * F * D + offs_nw[None, :] * D + offs_k[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(D, BK)):
+            k_ok = offs_k < D - k * BK
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a_ptrs += BK
+            b_ptrs += BK
+        o_off = offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
+        o_mask = row_ok[:, None] & (offs_n[None, :] < F)
+        tl.store(a_ptr + o_off, acc.to(a_ptr.dtype.element_ty), mask=o_mask)
+
+
+def _rows_configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BR": 16, "BC": 16}, num_warps=4)]
+    cfgs = [triton.Config({"BR": 16, "BC": 256}, num_warps=4), triton.Config({"BR": 32, "BC": 256}, num_warps=8)]
+    return cfgs if AUTOTUNE else cfgs[:1]  # no shared memory to outgrow
+
+
+@triton.autotune(configs=_rows_configs(), key=["F"])
+@triton.jit
+def swiglu_bwd_rows(
+    a_ptr, g_ptr, u_ptr, gate_ptr, counts_ptr, dg_ptr, du_ptr, hc_ptr, dgate_ptr,
+    S, E, F,
+    HAS_GATE: tl.constexpr, E_POW2: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    """SwiGLU and gate backward, BR whole rows per program (so dgate needs no atomics).
+
+    With c the gate: dgate = <h, a> (= <dy, y> without a stored y), dg = c a u silu'(g), du = c a silu(g),
+    and hc = c h, the down projection's input with the gate folded in for its weight gradient.
+    """
+    e_idx = tl.arange(0, E_POW2)
+    total = tl.sum(tl.load(counts_ptr + e_idx, mask=e_idx < E, other=0), 0)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    # Rows past the counted ones were never written by the forward: they read as zero here.
+    row_ok = rows < total
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        dgate = tl.zeros((BR,), dtype=tl.float32)
+    base = rows.to(tl.int64)[:, None] * F
+    for c0 in range(0, F, BC):
+        cols = c0 + tl.arange(0, BC)
+        mask = row_ok[:, None] & (cols[None, :] < F)
+        off = base + cols[None, :]
+        a = tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        h = silu * u
+        if HAS_GATE:
+            dgate += tl.sum(h * a, 1)
+            a = a * gate[:, None]
+            h = h * gate[:, None]
+        store_ok = (rows[:, None] < S) & (cols[None, :] < F)  # padding rows get zeros, not garbage
+        tl.store(hc_ptr + off, h.to(hc_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(du_ptr + off, (a * silu).to(du_ptr.dtype.element_ty), mask=store_ok)
+        tl.store(dg_ptr + off, (a * u * (sig + silu * (1.0 - sig))).to(dg_ptr.dtype.element_ty), mask=store_ok)
+    if HAS_GATE:
+        tl.store(dgate_ptr + rows, dgate, mask=rows < S)
+
+
+@triton.autotune(
+    configs=tile_configs(
+        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
+        wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1)], persistent=True,
+    ),
+    key=["D", "F", "SCATTER"], reset_to_zero=["dx_ptr"],
+    prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1)},
+)
+@triton.jit
+def dx_bwd(
+    dg_ptr, du_ptr, wg_ptr, wu_ptr, row_idx_ptr, counts_ptr, dx_ptr,
+    E, D, F, dx_rows,
+    SCATTER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
+    num_m = tl.sum(nblk, 0)
+    num_n = tl.cdiv(D, BN)
+    for tile in range(pid, num_m * num_n, nprog):
+        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
+        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        offs_m = m_start + tl.arange(0, BM)
+        row_ok = offs_m < m_end
+        rows = tl.where(row_ok, offs_m, m_start).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_nw = offs_n % D
+        offs_k = tl.arange(0, BK)
+        w_base = e.to(tl.int64) * D * F
+        ag_ptrs = dg_ptr + rows[:, None] * F + offs_k[None, :]
+        au_ptrs = du_ptr + rows[:, None] * F + offs_k[None, :]
+        # B[k, n] = w[e][n, k] (w is [D, F]): read transposed in place.
+        bg_ptrs = wg_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
+        bu_ptrs = wu_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        # Two loops rather than one with both products: each stage then holds one A and one B tile,
+        # which leaves shared memory for a deeper pipeline.
+        for k in range(0, tl.cdiv(F, BK)):
+            k_ok = offs_k < F - k * BK
+            ag = tl.load(ag_ptrs, mask=k_ok[None, :], other=0.0)
+            bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(ag, bg, acc, input_precision=DOT_PREC)
+            ag_ptrs += BK
+            bg_ptrs += BK
+        for k in range(0, tl.cdiv(F, BK)):
+            k_ok = offs_k < F - k * BK
+            au = tl.load(au_ptrs, mask=k_ok[None, :], other=0.0)
+            bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(au, bu, acc, input_precision=DOT_PREC)
+            au_ptrs += BK
+            bu_ptrs += BK
+        o_mask = row_ok[:, None] & (offs_n[None, :] < D)
+        if SCATTER:
+            dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+            tl.atomic_add(
+                dx_ptr + dst[:, None] * D + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=o_mask,
+                sem="relaxed",
+            )
+        else:
+            o_off = offs_m.to(tl.int64)[:, None] * D + offs_n[None, :]
+            tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=o_mask)
+    if not SCATTER:
+        zero_tail_rows(dx_ptr, tl.sum(cnt, 0), dx_rows, D, pid, nprog, BM, BN)
+
+
+@triton.autotune(
+    configs=tile_configs(
+        [(128, 128, 64, 8, 5), (128, 256, 64, 8, 5), (128, 128, 64, 4, 5), (128, 128, 64, 8, 4)],
+        wide=[(128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 5)],
+    ),
+    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("hc_ptr", 1, index_in_loop=True)},
+)
+@triton.jit
+def dw_down_bwd(
+    hc_ptr, dy_ptr, row_idx_ptr, order_ptr, starts_ptr, counts_ptr, dwd_ptr,
+    D, F,
+    GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Tile (f block, d block) of dw_down[e], K = the expert's rows.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(F, BM)
+    num_n = tl.cdiv(D, BN)
+    per_expert = num_m * num_n
+    # Rank r in the longest-first order; starts and counts come permuted the same way, so the three
+    # loads are independent (one memory latency per tile, not two: it shows when tiles are short).
+    r = pid // per_expert
+    e = tl.load(order_ptr + r)
+    start = tl.load(starts_ptr + r)
+    n_rows = tl.load(counts_ptr + r)
+    pid_m, pid_n = swizzle(pid % per_expert, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_mw = offs_m % F
+    offs_nw = offs_n % D
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, n_rows, BK):
+        rows = start + k0 + offs_k
+        k_ok = k0 + offs_k < n_rows
+        if GATHER:
+            src = tl.load(row_idx_ptr + rows, mask=k_ok, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        a = tl.load(hc_ptr + rows.to(tl.int64)[:, None] * F + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
+        b = tl.load(dy_ptr + src[:, None] * D + offs_nw[None, :], mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
+    # An expert with no rows runs no iteration and stores exact zeros: its gradient is 0, not None.
+    o_off = e.to(tl.int64) * F * D + offs_m[:, None] * D + offs_n[None, :]
+    o_mask = (offs_m[:, None] < F) & (offs_n[None, :] < D)
+    tl.store(dwd_ptr + o_off, acc.to(dwd_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.autotune(
+    configs=tile_configs(
+        [(128, 128, 64, 8, 5), (128, 64, 64, 4, 4)],
+        wide=[(128, 64, 64, 4, 5), (128, 64, 128, 4, 3), (64, 128, 64, 4, 5), (128, 128, 64, 8, 4)],
+    ),
+    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, index_in_loop=True)},
+)
+@triton.jit
+def dw_gate_up_bwd(
+    x_ptr, dg_ptr, du_ptr, row_idx_ptr, order_ptr, starts_ptr, counts_ptr, dwg_ptr, dwu_ptr,
+    D, F,
+    GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Tile (d block, f block) of dw_gate[e] and dw_up[e], K = the expert's rows.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(D, BM)
+    num_n = tl.cdiv(F, BN)
+    per_expert = num_m * num_n
+    # Rank r in the longest-first order; starts and counts come permuted the same way, so the three
+    # loads are independent (one memory latency per tile, not two: it shows when tiles are short).
+    r = pid // per_expert
+    e = tl.load(order_ptr + r)
+    start = tl.load(starts_ptr + r)
+    n_rows = tl.load(counts_ptr + r)
+    pid_m, pid_n = swizzle(pid % per_expert, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_mw = offs_m % D
+    offs_nw = offs_n % F
+    offs_k = tl.arange(0, BK)
+    acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, n_rows, BK):
+        rows = start + k0 + offs_k
+        k_ok = k0 + offs_k < n_rows
+        if GATHER:
+            src = tl.load(row_idx_ptr + rows, mask=k_ok, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        a = tl.load(x_ptr + src[:, None] * D + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
+        a_t = tl.trans(a)
+        r_off = rows.to(tl.int64)[:, None] * F + offs_nw[None, :]
+        bg = tl.load(dg_ptr + r_off, mask=k_ok[:, None], other=0.0)
+        bu = tl.load(du_ptr + r_off, mask=k_ok[:, None], other=0.0)
+        acc_g = tl.dot(a_t, bg, acc_g, input_precision=DOT_PREC)
+        acc_u = tl.dot(a_t, bu, acc_u, input_precision=DOT_PREC)
+    o_off = e.to(tl.int64) * D * F + offs_m[:, None] * F + offs_n[None, :]
+    o_mask = (offs_m[:, None] < D) & (offs_n[None, :] < F)
+    tl.store(dwg_ptr + o_off, acc_g.to(dwg_ptr.dtype.element_ty), mask=o_mask)
+    tl.store(dwu_ptr + o_off, acc_u.to(dwu_ptr.dtype.element_ty), mask=o_mask)

@@ -1,0 +1,131 @@
+"""Forward kernels of the grouped SwiGLU experts.
+
+Both are persistent grouped GEMMs over row tiles of all experts in one launch:
+- `gate_up_fwd`: g = x_rows @ w_gate[e], u = x_rows @ w_up[e] in one tile loop (the x tile is loaded once
+  for both), h = silu(g) * u in the epilogue. In gather mode the x rows are read through `row_idx`, so no
+  permuted copy of the activations is made.
+- `down_fwd`: y = h @ w_down[e], times the gate weight in the epilogue, stored in place (pre-grouped) or
+  atomically added to the token's output row (gather mode: the scatter-add is fused into the epilogue).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from moe.kernels._tiles import expert_blocks, locate_block, smem_prune, swizzle, tile_configs, zero_tail_rows
+
+
+# Lists chosen by MOE_TRITON_TUNE=wide on an H100 over the four benchmark shapes (BENCHMARKS.md).
+@triton.autotune(
+    configs=tile_configs(
+        [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
+        wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2)], persistent=True,
+    ),
+    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2)},
+)
+@triton.jit
+def gate_up_fwd(
+    x_ptr, row_idx_ptr, wg_ptr, wu_ptr, counts_ptr, h_ptr, g_ptr, u_ptr,
+    E, D, F,
+    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
+    num_m = tl.sum(nblk, 0)
+    num_n = tl.cdiv(F, BN)
+    for tile in range(pid, num_m * num_n, nprog):
+        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
+        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        offs_m = m_start + tl.arange(0, BM)
+        row_ok = offs_m < m_end
+        # Rows past the expert's end read a valid row instead of being masked: the loads stay unmasked
+        # along M and the extra results are dropped at the store.
+        if GATHER:
+            src = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        else:
+            src = tl.where(row_ok, offs_m, m_start).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_nw = offs_n % F  # in-bounds weight columns; columns >= F are dropped at the store
+        offs_k = tl.arange(0, BK)
+        w_base = e.to(tl.int64) * D * F
+        a_ptrs = x_ptr + src[:, None] * D + offs_k[None, :]
+        bg_ptrs = wg_ptr + w_base + offs_k[:, None] * F + offs_nw[None, :]
+        bu_ptrs = wu_ptr + w_base + offs_k[:, None] * F + offs_nw[None, :]
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(D, BK)):
+            k_ok = offs_k < D - k * BK
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
+            bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
+            acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
+            acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
+            a_ptrs += BK
+            bg_ptrs += BK * F
+            bu_ptrs += BK * F
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        o_off = offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
+        o_mask = row_ok[:, None] & (offs_n[None, :] < F)
+        tl.store(h_ptr + o_off, h.to(h_ptr.dtype.element_ty), mask=o_mask)
+        if SAVE_GU:  # the pre-activations are all the backward needs; h is recomputed from them
+            tl.store(g_ptr + o_off, acc_g.to(g_ptr.dtype.element_ty), mask=o_mask)
+            tl.store(u_ptr + o_off, acc_u.to(u_ptr.dtype.element_ty), mask=o_mask)
+
+
+@triton.autotune(
+    configs=tile_configs(
+        [(128, 256, 64, 8, 3), (64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4)],
+        wide=[(64, 128, 64, 4, 4), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1)], persistent=True,
+    ),
+    key=["D", "F", "SCATTER"], reset_to_zero=["out_ptr"],
+    prune_configs_by={"early_config_prune": smem_prune("h_ptr", 1)},
+)
+@triton.jit
+def down_fwd(
+    h_ptr, wd_ptr, gate_ptr, row_idx_ptr, counts_ptr, out_ptr,
+    E, D, F, out_rows,
+    SCATTER: tl.constexpr, HAS_GATE: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
+    num_m = tl.sum(nblk, 0)
+    num_n = tl.cdiv(D, BN)
+    for tile in range(pid, num_m * num_n, nprog):
+        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
+        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        offs_m = m_start + tl.arange(0, BM)
+        row_ok = offs_m < m_end
+        rows = tl.where(row_ok, offs_m, m_start).to(tl.int64)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_nw = offs_n % D
+        offs_k = tl.arange(0, BK)
+        a_ptrs = h_ptr + rows[:, None] * F + offs_k[None, :]
+        b_ptrs = wd_ptr + e.to(tl.int64) * F * D + offs_k[:, None] * D + offs_nw[None, :]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(F, BK)):
+            k_ok = offs_k < F - k * BK
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a_ptrs += BK
+            b_ptrs += BK * D
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+            acc = acc * gate[:, None]
+        o_mask = row_ok[:, None] & (offs_n[None, :] < D)
+        if SCATTER:
+            # Several experts add into one token row: atomics, in the buffer's dtype (see grouped_swiglu).
+            dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+            tl.atomic_add(
+                out_ptr + dst[:, None] * D + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=o_mask,
+                sem="relaxed",
+            )
+        else:
+            o_off = offs_m.to(tl.int64)[:, None] * D + offs_n[None, :]
+            tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+    if not SCATTER:
+        zero_tail_rows(out_ptr, tl.sum(cnt, 0), out_rows, D, pid, nprog, BM, BN)

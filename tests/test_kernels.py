@@ -1,0 +1,162 @@
+"""The Triton routed-expert kernel against the torch reference backend.
+
+On a machine without a GPU the kernels run in Triton's interpreter (fp32, fp16) on tiny shapes with
+16-wide tiles, so every tile, expert and padding border is crossed; with a GPU they run compiled, in bf16
+(and fp32), against the torch backend in fp32 on the same values. Every buffer the kernels must write is
+poisoned with NaN first, so an element no program wrote shows up.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+_ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+if not _ON_GPU:
+    # Must be set before triton (and the kernels' @triton.jit) are imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+# One config per kernel: the many tiny test shapes would each autotune (compile every config) on a GPU.
+os.environ.setdefault("MOE_TRITON_AUTOTUNE", "0")
+
+pytest.importorskip("triton")
+
+import moe.kernels.grouped_swiglu as gs  # noqa: E402
+from moe.model.experts import routed_experts  # noqa: E402
+
+DEVICE = "cuda" if _ON_GPU else "cpu"
+# (name, E, D, F, tokens per expert, tokens T)
+CASES = [
+    ("odd", 5, 33, 17, [0, 1, 7, 0, 19], 24),
+    ("one_expert_all", 4, 33, 17, [0, 0, 37, 0], 37),
+    ("single_expert", 1, 16, 32, [9], 12),
+    ("multi_tile", 3, 48, 40, [33, 16, 17], 40),
+]
+if _ON_GPU:  # compiled kernels are fast: add shapes where the Hopper tiles (128 wide) are crossed too
+    CASES += [
+        ("gpu_mid", 8, 512, 384, [300, 0, 1, 129, 255, 77, 0, 513], 600),
+        ("gpu_skew", 16, 256, 192, [700] + [0] * 7 + [1, 3, 5, 7, 9, 11, 13, 127], 800),
+    ]
+DTYPES = [torch.bfloat16, torch.float32] if _ON_GPU else [torch.float32, torch.float16]
+# The second dtype runs on two shapes only: fp16 is slow in the interpreter, fp32 adds compiles on a GPU.
+SECOND_DTYPE_CASES = ("odd", "multi_tile")
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(gs, "POISON_BUFFERS", True)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    nb = b.norm().item()
+    return (a - b).norm().item() / nb if nb > 0 else (0.0 if a.abs().max().item() == 0 else float("inf"))
+
+
+def _inputs(E: int, D: int, F: int, counts: list[int], T: int, mode: str, with_gate: bool, dtype, seed: int):
+    """Random inputs; in gather mode each expert reads distinct tokens, as top-k routing gives."""
+    g = torch.Generator().manual_seed(seed)
+    S = sum(counts)
+    pad = 0 if mode == "gather" else 2  # pre-grouped inputs may carry padding rows past the counted ones
+    rows_X = T if mode == "gather" else S + pad
+    x = torch.randn(rows_X, D, generator=g)
+    w_gate = torch.randn(E, D, F, generator=g) / D**0.5
+    w_up = torch.randn(E, D, F, generator=g) / D**0.5
+    w_down = torch.randn(E, F, D, generator=g) / F**0.5
+    row_idx = None
+    if mode == "gather":
+        picks = [torch.randperm(T, generator=g)[:c] for c in counts]
+        row_idx = torch.cat(picks) if S else torch.zeros(0, dtype=torch.long)
+    n_gate = S if mode == "gather" else rows_X
+    gate = torch.rand(n_gate, generator=g) if with_gate else None
+    cast = [t.to(dtype) for t in (x, w_gate, w_up, w_down)]
+    return cast, torch.tensor(counts), row_idx, (gate.to(dtype) if gate is not None else None)
+
+
+def _run(backend: str, tensors, counts, row_idx, gate, num_out_rows, device, dtype, seed: int):
+    """Output and the gradients of x, the three weights and the gate under a random output gradient."""
+    leaves = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in tensors]
+    gate_l = gate.to(device=device, dtype=dtype, copy=True).requires_grad_() if gate is not None else None
+    out = routed_experts(
+        leaves[0], *leaves[1:], counts.to(device), row_idx.to(device) if row_idx is not None else None,
+        gate_l, num_out_rows, backend=backend,
+    )
+    r = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
+    (out * r).sum().backward()
+    grads = [t.grad for t in leaves] + ([gate_l.grad] if gate_l is not None else [])
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
+@pytest.mark.parametrize("mode", ["gather", "grouped"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_matches_torch_backend(case, mode, with_gate, dtype):
+    name, E, D, F, counts, T = case
+    if dtype == DTYPES[1] and name not in SECOND_DTYPE_CASES:
+        pytest.skip(f"{dtype} runs on {SECOND_DTYPE_CASES} only")
+    seed = 1000 + len(name) * 7 + E
+    tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, mode, with_gate, dtype, seed)
+    num_out_rows = T + 3 if mode == "gather" else None  # more output rows than x has: must read zero
+    out, grads = _run("triton", tensors, counts_E, row_idx, gate, num_out_rows, DEVICE, dtype, seed)
+    # Reference: the per-expert torch loop in fp32 on the same (already rounded) values; on the CPU
+    # in fp32 this is the very backend the kernel replaces.
+    ref_dtype = torch.float32
+    ref_out, ref_grads = _run("torch", tensors, counts_E, row_idx, gate, num_out_rows, DEVICE, ref_dtype, seed)
+
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    names = ["out", "dx", "dw_gate", "dw_up", "dw_down"] + (["dgate"] if with_gate else [])
+    for n, a, b in zip(names, [out] + grads, [ref_out] + ref_grads):
+        assert a is not None, f"{n} is None"
+        assert a.shape == b.shape and a.dtype == dtype, n
+        assert torch.isfinite(a).all(), f"{n} has unwritten (NaN) or non-finite elements"
+        err = _rel(a.float(), b.float())
+        assert err < TOL[dtype], f"{name}/{mode}/{n}: relative error {err:.2e}"
+    # Idle experts: an exact zero gradient, not None and not rounding noise.
+    for e, c in enumerate(counts):
+        if c == 0:
+            for n, gw in zip(["dw_gate", "dw_up", "dw_down"], grads[1:4]):
+                assert torch.count_nonzero(gw[e]) == 0, f"idle expert {e} has a nonzero {n}"
+
+
+@pytest.mark.parametrize("mode", ["gather", "grouped"])
+def test_no_tokens(mode):
+    """All experts idle: zero output and exact zero gradients (pre-grouped: only padding rows)."""
+    E, D, F, T = 3, 33, 17, 5
+    dtype = DTYPES[0]
+    tensors, counts_E, row_idx, gate = _inputs(E, D, F, [0, 0, 0], T, mode, True, dtype, 7)
+    out, grads = _run("triton", tensors, counts_E, row_idx, gate, T if mode == "gather" else None, DEVICE, dtype, 7)
+    assert out.shape == (T if mode == "gather" else 2, D)
+    assert torch.count_nonzero(out) == 0
+    for gr in grads:
+        assert gr is not None and torch.count_nonzero(gr) == 0
+
+
+def test_inference_matches_training_forward():
+    """Under no_grad the pre-activations are not stored; the output must not change."""
+    name, E, D, F, counts, T = CASES[0]
+    dtype = DTYPES[0]
+    tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, "gather", True, dtype, 3)
+    args = [t.to(DEVICE) for t in tensors]
+    extra = (counts_E.to(DEVICE), row_idx.to(DEVICE), gate.to(DEVICE), T)
+    with torch.no_grad():
+        y = routed_experts(*args, *extra, backend="triton")
+    ref, _ = _run("torch", tensors, counts_E, row_idx, gate, T, DEVICE, torch.float32, 3)
+    assert torch.isfinite(y).all()
+    assert _rel(y.float(), ref) < TOL[dtype]
+
+
+@pytest.mark.skipif(not _ON_GPU, reason="autocast bf16 needs the compiled kernels (the interpreter's bf16 is wrong)")
+def test_autocast_bf16_on_gpu():
+    """fp32 parameters under bf16 autocast: the kernel computes in bf16 and grads come back fp32."""
+    name, E, D, F, counts, T = CASES[-1]
+    tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, "gather", True, torch.float32, 5)
+    leaves = [t.to(DEVICE, copy=True).requires_grad_() for t in tensors]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = routed_experts(*leaves, counts_E.to(DEVICE), row_idx.to(DEVICE), gate.to(DEVICE), T, backend="triton")
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+    ref, _ = _run("torch", tensors, counts_E, row_idx, gate, T, DEVICE, torch.float32, 5)
+    assert _rel(y.float(), ref) < 1e-2
