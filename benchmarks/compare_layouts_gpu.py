@@ -26,7 +26,7 @@ def make_job(args, dp: int, ep: int, run_dir: str):
         f"model={args.model}", "data=synthetic", "logger.wandb.mode=disabled", "logger.progress_bar=false",
         f"train.steps={args.steps}", f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={args.micro_batch}", f"train.seq_len={args.seq_len}", "train.eval_every=0",
-        "train.warmup_steps=5", "cluster.use_gpu=true", f"model.moe.backend={args.backend}",
+        "train.warmup_steps=5", "cluster.use_gpu=true", f"model.moe.backend={args.backend}", f"train.lr={args.lr}",
         f"parallel.dp={dp}", f"parallel.ep={ep}", f"cluster.num_workers={dp}",
     ])
     job.run_dir = run_dir
@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--model", default="deepseek_small")
     p.add_argument("--backend", default="grouped_mm")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=2048)

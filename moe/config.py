@@ -160,6 +160,9 @@ class TrainConfig:
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint in the run dir, if any; `none`: start
     fresh; or a path to a checkpoint folder written by an earlier run."""
+    force_balanced_routing: bool = False
+    """Replace the router's choices by round-robin (same shapes, every expert equally loaded) to
+    measure what real routing costs in throughput; see benchmarks/bench_balanced_routing.py."""
 
 
 @dataclass
@@ -194,11 +197,34 @@ class WandbConfig:
 
 
 @dataclass
+class AlertsConfig:
+    enabled: bool = True
+    """Check expert health every step and warn (stdout on the driver, `wandb.alert`, alerts.jsonl)."""
+    dead_expert_steps: int = 20
+    """Alert when an expert receives no token for this many steps in a row."""
+    saturation_factor: float = 4.0
+    """Alert when an expert receives more than this many times the mean tokens per expert (the most
+    an expert can get is num_experts/top_k times the mean: every token)."""
+    diversity_floor: float = 0.3
+    """Alert on router collapse: a layer's expert diversity exp(entropy of the load)/E below this
+    (1 = uniform; 0.3 on 8 experts = the load of ~2.4 equally used experts)."""
+
+
+@dataclass
 class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """wandb settings."""
     progress_bar: bool = True
     """Show a progress bar with loss and tokens/s."""
+    timing: bool = True
+    """Time the all-to-alls and the expert compute (CUDA events, read at log time; no extra sync)."""
+    plot_every: int = 50
+    """Every this many steps: heatmaps (tokens per expert, rank x rank traffic) as PNG files in the
+    run dir and wandb images, and a wandb histogram of expert loads; 0 disables them."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of one device for perf/mfu; None looks the device up (H100/H200: 989 bf16)."""
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    """Expert-health alerts."""
 
 
 @dataclass

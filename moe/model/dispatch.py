@@ -25,18 +25,20 @@ class DispatchPlan:
     """Assignments per expert (int64)."""
 
 
-def plan_local(expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
+def plan_local(expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+               num_experts: int) -> DispatchPlan:
+    """`keep_TK=None` means dropless: every assignment is kept, and no host sync is needed."""
     K = expert_idx_TK.shape[1]
     flat_expert = expert_idx_TK.reshape(-1)
-    kept = keep_TK.reshape(-1).nonzero().squeeze(-1)
+    kept = None if keep_TK is None else keep_TK.reshape(-1).nonzero().squeeze(-1)
+    kept_expert = flat_expert if kept is None else flat_expert[kept]
     # A stable sort keeps token order inside each expert, so results are deterministic.
-    order = torch.sort(flat_expert[kept], stable=True).indices
-    assign_S = kept[order]
-    return DispatchPlan(
-        row_idx_S=assign_S // K,
-        gate_S=gate_TK.reshape(-1)[assign_S],
-        tokens_per_expert_E=torch.bincount(flat_expert[kept], minlength=num_experts),
-    )
+    order = torch.sort(kept_expert, stable=True).indices
+    assign_S = order if kept is None else kept[order]
+    # scatter_add rather than bincount: bincount reads the max back to the host on CUDA.
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_expert.device)
+    counts_E.scatter_add_(0, kept_expert, torch.ones_like(kept_expert))
+    return DispatchPlan(row_idx_S=assign_S // K, gate_S=gate_TK.reshape(-1)[assign_S], tokens_per_expert_E=counts_E)
 
 
 class LocalDispatcher:
@@ -47,7 +49,7 @@ class LocalDispatcher:
         x_TD: torch.Tensor,
         expert_idx_TK: torch.Tensor,
         gate_TK: torch.Tensor,
-        keep_TK: torch.Tensor,
+        keep_TK: torch.Tensor | None,
         experts: "torch.nn.Module",
     ) -> torch.Tensor:
         plan = plan_local(expert_idx_TK, gate_TK, keep_TK, experts.num_experts)

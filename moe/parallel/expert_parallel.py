@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe.model.dispatch import GroupedExperts, plan_local
+from moe.train.timing import RegionTimer, timed
 
 
 class DispatchCountError(RuntimeError):
@@ -39,6 +40,8 @@ class AllToAllDispatcher:
         self.local_experts = num_experts // ep
         self.layer_id = layer_id
         self.node_of_ep_rank = torch.tensor(node_of_ep_rank or [0] * ep)
+        self.timer: RegionTimer | None = None
+        """Set by the trainer when timing is on: spans around both all-to-alls and the experts."""
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -48,25 +51,32 @@ class AllToAllDispatcher:
         self.spread_max = {"ranks": 0, "nodes": 0}
         self.spread_tokens = 0
 
-    def _record_spread(self, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor) -> None:
-        rank_TK = (expert_idx_TK // self.local_experts).cpu()
-        # A dropped assignment repeats the token's first rank so it adds no destination.
-        rank_TK = torch.where(keep_TK.cpu(), rank_TK, rank_TK[:, :1].expand_as(rank_TK))
+    def _record_spread(self, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> None:
+        """Accumulate on the device (no host sync in the hot path); read at log time."""
+        rank_TK = expert_idx_TK // self.local_experts
+        if rank_TK.numel() == 0:
+            return
+        if keep_TK is not None:  # a dropped assignment repeats the token's first rank: no new destination
+            rank_TK = torch.where(keep_TK, rank_TK, rank_TK[:, :1].expand_as(rank_TK))
+        self.node_of_ep_rank = self.node_of_ep_rank.to(rank_TK.device)
         for key, v_TK in (("ranks", rank_TK), ("nodes", self.node_of_ep_rank[rank_TK])):
             distinct_T = (v_TK.sort(-1).values.diff(dim=-1) != 0).sum(-1) + 1
-            self.spread_sum[key] += distinct_T.sum().item()
-            self.spread_max[key] = max(self.spread_max[key], int(distinct_T.max().item()) if distinct_T.numel() else 0)
+            self.spread_sum[key] = self.spread_sum[key] + distinct_T.sum()
+            self.spread_max[key] = torch.clamp(distinct_T.max(), min=self.spread_max[key]) \
+                if isinstance(self.spread_max[key], int) else torch.maximum(self.spread_max[key], distinct_T.max())
         self.spread_tokens += rank_TK.shape[0]
 
     def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """Every rank's per-expert send counts, [ep, E]; checked so a mismatch is an error, not a hang."""
-        counts_E = tokens_per_expert_E.to(torch.int64).cpu()
+        """Every rank's per-expert send counts, [ep, E], on the host: the dispatch's one host sync.
+        Checked, so a mismatch is an error naming layer, rank and counts rather than a hang."""
         # Counts travel on the data device for NCCL, on the CPU for gloo.
         dev = tokens_per_expert_E.device if dist.get_backend(self.group) != "gloo" else torch.device("cpu")
-        mine = tokens_per_expert_E.to(torch.int64).to(dev)
-        gathered = [torch.empty_like(mine) for _ in range(self.ep)]
-        dist.all_gather(gathered, mine, group=self.group)
-        all_counts_RE = torch.stack(gathered).cpu()
+        mine_E = tokens_per_expert_E.to(dev, torch.int64)
+        E = mine_E.numel()
+        gathered = torch.empty(self.ep * E, dtype=torch.int64, device=dev)
+        dist.all_gather_into_tensor(gathered, mine_E, group=self.group)
+        both = torch.cat([gathered, mine_E]).cpu()
+        all_counts_RE, counts_E = both[:-E].view(self.ep, E), both[-E:]
         if not torch.equal(all_counts_RE[self.ep_rank], counts_E):
             raise DispatchCountError(
                 f"layer {self.layer_id}, EP rank {self.ep_rank}: the counts peers received from this rank "
@@ -92,17 +102,35 @@ class AllToAllDispatcher:
         # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
         wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
         x_send_SD = x_TD.index_select(0, plan.row_idx_S).to(wire_dtype)
+        span = timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}")
+        if span is not None:
+            x_send_SD = span.enter(x_send_SD)
         x_recv = all_to_all_single_autograd(x_send_SD, recv_splits, send_splits, self.group)
+        if span is not None:
+            x_recv = span.exit(x_recv)
 
         # Arrived rows are ordered (source, local expert); the experts want (local expert, source).
-        seg_of_row = torch.repeat_interleave(torch.arange(self.ep * El), recv_counts_RL.flatten())
+        dev = x_TD.device
+        seg_of_row = torch.repeat_interleave(torch.arange(self.ep * El, device=dev),
+                                             recv_counts_RL.flatten().to(dev), output_size=sum(recv_splits))
         src, le = seg_of_row // El, seg_of_row % El
-        perm = torch.sort(le * self.ep + src, stable=True).indices.to(x_TD.device)
+        perm = torch.sort(le * self.ep + src, stable=True).indices
         inv_perm = torch.argsort(perm)
         tokens_per_local_expert = recv_counts_RL.sum(0)
-        y_grouped = experts(x_recv.index_select(0, perm), tokens_per_local_expert.to(x_TD.device))
-        y_back = all_to_all_single_autograd(y_grouped.index_select(0, inv_perm).contiguous(), send_splits,
-                                            recv_splits, self.group)
+        x_grouped = x_recv.index_select(0, perm)
+        span = timed(self.timer, f"experts/layer_{self.layer_id}")
+        if span is not None:
+            x_grouped = span.enter(x_grouped)
+        y_grouped = experts(x_grouped, tokens_per_local_expert.to(x_TD.device))
+        if span is not None:
+            y_grouped = span.exit(y_grouped)
+        y_send = y_grouped.index_select(0, inv_perm).contiguous()
+        span = timed(self.timer, f"a2a_combine/layer_{self.layer_id}")
+        if span is not None:
+            y_send = span.enter(y_send)
+        y_back = all_to_all_single_autograd(y_send, send_splits, recv_splits, self.group)
+        if span is not None:
+            y_back = span.exit(y_back)
 
         rec = self.traffic
         bpr = x_TD.shape[-1] * x_send_SD.element_size()

@@ -37,8 +37,19 @@ _WORST = {"overload_factor": max, "min_load_factor": min, "load_cv": max, "exper
           "rank_overload_factor": max, "dead_experts": sum}
 
 
+def to_cpu(by_layer: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """One device-to-host copy for all layers (not one per layer and metric): the metrics below then
+    cost no GPU round trips."""
+    if not by_layer:
+        return {}
+    layers = list(by_layer)
+    stacked_LE = torch.stack([by_layer[i].detach() for i in layers]).cpu()
+    return dict(zip(layers, stacked_LE.unbind(0)))
+
+
 def model_load_metrics(counts_by_layer: dict[int, torch.Tensor], bias_by_layer: dict[int, torch.Tensor],
                        ep: int = 1) -> dict[str, float]:
+    counts_by_layer, bias_by_layer = to_cpu(counts_by_layer), to_cpu(bias_by_layer)
     out: dict[str, float] = {}
     per_metric: dict[str, list[float]] = {k: [] for k in _WORST}
     for i, counts in counts_by_layer.items():

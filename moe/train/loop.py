@@ -22,7 +22,8 @@ from moe.model.transformer import Transformer, build_model, count_params
 from moe.parallel.expert_parallel import apply_expert_parallel, tie_router_groups_to_topology
 from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradients
 from moe.parallel.mesh import ParallelContext
-from moe.train.load_metrics import model_load_metrics
+from moe.train.load_metrics import model_load_metrics, to_cpu
+from moe.train.observability import Observability
 from moe.train import checkpoint
 from moe.train.optim import build_optimizer, lr_at, set_lr
 from moe.train.traffic import routing_spread_metrics, traffic_metrics
@@ -74,8 +75,10 @@ def build_sinks(job: JobConfig, model_name: str) -> MetricsSink:
     sinks: list[MetricsSink] = [JsonlSink(job.run_dir)]
     w = job.logger.wandb
     if w.mode != "disabled":
-        name = w.name or f"{model_name}-dp{job.parallel.dp}-ep{job.parallel.ep}"
-        sinks.append(WandbSink(job.run_dir, w.mode, w.project, name, w.group, w.entity, dataclasses.asdict(job)))
+        # Runs of one model and layout share a group; the name adds the run dir (Hydra's timestamp).
+        group = w.group or f"{model_name}-dp{job.parallel.dp}-ep{job.parallel.ep}"
+        name = w.name or f"{group}-{os.path.basename(os.path.normpath(os.path.abspath(job.run_dir)))}"
+        sinks.append(WandbSink(job.run_dir, w.mode, w.project, name, group, w.entity, dataclasses.asdict(job)))
     return MultiSink(sinks)
 
 
@@ -110,6 +113,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
     backend = resolve_backend(job.model.moe.backend, device)
     for moe in model.moe_layers().values():
         moe.experts.backend = backend
+        moe.force_balanced_routing = t.force_balanced_routing
         moe.router.global_group = ctx.group("routing") if ctx.dp * ctx.tp > 1 else None
     if ctx.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"))
@@ -131,6 +135,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
     accum = t.global_batch_size // (t.micro_batch_size * batch_ranks)
     local_batch = t.micro_batch_size * accum
     tokens_per_step = t.global_batch_size * t.seq_len
+    obs = Observability(job, model, ctx, device, sink, tokens_per_step)
     rate = job.model.moe.router.bias_update_rate if job.model.moe.router.use_expert_bias else 0.0
     history: list[dict[str, Any]] = []
     eval_loss = None
@@ -138,6 +143,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
 
     for step in range(start_step, t.steps):
         step_start = time.perf_counter()
+        obs.start_step()
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
         ce_sum = torch.zeros((), device=device)
@@ -177,9 +183,10 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
 
         for moe in model.moe_layers().values():
             all_reduce_(moe.tokens_per_expert_acc, ctx, "routing")  # global load: identical biases everywhere
+        # Global tokens per expert on the host, kept for the pictures and alerts after the reset below.
+        loads = to_cpu({i: m.tokens_per_expert_acc for i, m in model.moe_layers().items()})
         metrics: dict[str, Any] = model_load_metrics(
-            {i: m.tokens_per_expert_acc for i, m in model.moe_layers().items()},
-            {i: m.router.expert_bias for i, m in model.moe_layers().items()}, ctx.ep)
+            loads, {i: m.router.expert_bias for i, m in model.moe_layers().items()}, ctx.ep)
         if ctx.ep > 1:
             metrics.update(traffic_metrics(model, ctx, tokens_per_rank=local_batch * t.seq_len,
                                            top_k=job.model.moe.top_k, hidden=job.model.hidden_size))
@@ -196,6 +203,8 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
             "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
         })
         metrics.update(zip(keys, packed[2:].tolist()))
+        should_log = step % t.log_every == 0 or step + 1 == t.steps
+        metrics.update(obs.step_metrics(metrics, step_time, should_log))
         if t.eval_every > 0 and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
             eval_loss = evaluate(model, dataset, job, 0, device, ctx)  # same held-out windows every time
             metrics["eval_loss"] = eval_loss
@@ -203,8 +212,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         history.append({"step": step, "loss": loss, "grad_norm": grad_norm, "aux_loss": metrics["aux_loss"],
                         "tokens_per_s": metrics["tokens_per_s"]})
-        if sink is not None and (step % t.log_every == 0 or step + 1 == t.steps):
-            sink.log(metrics, step)
+        obs.publish(metrics, step, loads, should_log)  # rank 0: alerts, sinks, pictures
         if report is not None and is_logger:
             report({"step": step, "loss": loss, "tokens_per_s": metrics["tokens_per_s"], "steps": t.steps})
         if t.checkpoint_every > 0 and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):

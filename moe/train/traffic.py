@@ -58,8 +58,8 @@ def routing_spread_metrics(model: torch.nn.Module) -> dict[str, float]:
         for moe in model.moe_layers().values():
             d = moe.dispatcher
             if getattr(d, "spread_tokens", 0):
-                means.append(d.spread_sum[key] / d.spread_tokens)
-                maxes.append(d.spread_max[key])
+                means.append(float(d.spread_sum[key]) / d.spread_tokens)
+                maxes.append(int(d.spread_max[key]))
         if means:
             out[f"moe/{key}_per_token_mean"] = sum(means) / len(means)
             out[f"moe/{key}_per_token_max"] = max(maxes)

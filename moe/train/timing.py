@@ -1,0 +1,108 @@
+"""Per-region timers for the MoE hot path (all-to-alls, expert compute), forward and backward.
+
+A region is timed by two identity autograd marks placed around it: ``x = span.enter(x)`` before and
+``y = span.exit(y)`` after. In the forward pass the marks record the start and end; in the backward
+pass gradients meet them in reverse order, so ``exit`` records the start of the region's backward and
+``enter`` its end. One span thus measures the forward and the backward of the same region.
+
+On CUDA the marks record ``torch.cuda.Event``s on the current stream and never synchronise: the
+events are read by :meth:`RegionTimer.collect` at log time, after the training loop's own end-of-step
+``torch.cuda.synchronize()``, so timing adds no synchronisation to the hot path. On CPU they read
+``time.perf_counter`` (CPU kernels and gloo collectives run synchronously, so wall-clock is exact).
+
+Async collective results (``AsyncCollectiveTensor`` from functional collectives) are waited on at the
+mark: the next op would wait anyway, and the end time must include the transfer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+try:  # the wrapper type of functional collectives' not-yet-waited results
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+except Exception:  # pragma: no cover - torch builds without distributed
+    AsyncCollectiveTensor = ()  # type: ignore[assignment,misc]
+
+
+def _settle(x: torch.Tensor) -> torch.Tensor:
+    """The real tensor behind an async collective result (waits on the stream, not the host, on CUDA)."""
+    return x.wait() if isinstance(x, AsyncCollectiveTensor) else x
+
+
+@dataclass
+class Span:
+    """One timed occurrence of a region: up to two intervals, forward and backward."""
+
+    timer: "RegionTimer"
+    marks: dict[str, Any] = field(default_factory=dict)
+    """`fwd_start`, `fwd_end`, `bwd_start`, `bwd_end`: CUDA events or perf_counter floats."""
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return _Mark.apply(_settle(x), self, "fwd_start", "bwd_end")
+
+    def exit(self, x: torch.Tensor) -> torch.Tensor:
+        return _Mark.apply(_settle(x), self, "fwd_end", "bwd_start")
+
+    def record(self, name: str) -> None:
+        self.marks[name] = self.timer.now()
+
+    def seconds(self, direction: str) -> float:
+        start, end = self.marks.get(f"{direction}_start"), self.marks.get(f"{direction}_end")
+        if start is None or end is None:
+            return 0.0  # e.g. no backward (evaluation, or no input needed a gradient)
+        if isinstance(start, float):
+            return end - start
+        return start.elapsed_time(end) / 1e3  # CUDA events report milliseconds
+
+
+class _Mark(torch.autograd.Function):
+    """Identity whose forward records `fwd_name` and whose backward records `bwd_name`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, span: Span, fwd_name: str, bwd_name: str) -> torch.Tensor:
+        span.record(fwd_name)
+        ctx.span, ctx.bwd_name = span, bwd_name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = _settle(grad)
+        ctx.span.record(ctx.bwd_name)
+        return grad, None, None, None
+
+
+class RegionTimer:
+    """Collects spans per region name over one step; :meth:`reset` at the start of each step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: dict[str, list[Span]] = {}
+
+    def now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def span(self, region: str) -> Span:
+        s = Span(self)
+        self.spans.setdefault(region, []).append(s)
+        return s
+
+    def reset(self) -> None:
+        self.spans = {}
+
+    def collect(self) -> dict[str, tuple[float, float]]:
+        """Seconds per region, (forward, backward) summed over its spans. On CUDA call it only after
+        the step's work is known to be complete (the loop synchronises at the end of each step)."""
+        return {region: (sum(s.seconds("fwd") for s in spans), sum(s.seconds("bwd") for s in spans))
+                for region, spans in self.spans.items()}
+
+
+def timed(timer: RegionTimer | None, region: str):
+    """A span for `region`, or None when timing is off (callers skip the marks then)."""
+    return None if timer is None else timer.span(region)
