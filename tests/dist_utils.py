@@ -34,13 +34,20 @@ def _child(rank: int, world: int, port: int, job: JobConfig, node_of_rank, patch
 def run_distributed(job: JobConfig, world: int, node_of_rank: list[int] | None = None,
                     patch: Callable[[], None] | None = None, timeout_s: float = 300) -> list[dict[str, Any]]:
     """Start `world` processes that each call run_worker; return summaries ordered by rank."""
+    return _start_and_collect(world, timeout_s, lambda r, port, queue: (
+        _child, (r, world, port, job, node_of_rank, patch, queue)))
+
+
+def _start_and_collect(world: int, timeout_s: float, target_args) -> list[Any]:
+    """Start one process per rank (`target_args(rank, port, queue)` gives its target and args), collect
+    each rank's pickled result, and raise one error naming every failed rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world, port, job, node_of_rank, patch, queue)) for r in range(world)]
+    procs = [ctx.Process(target=t, args=a) for t, a in (target_args(r, port, queue) for r in range(world))]
     for p in procs:
         p.start()
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, Any] = {}
     try:
         for _ in range(world):
             rank, payload = queue.get(timeout=timeout_s)
@@ -50,7 +57,7 @@ def run_distributed(job: JobConfig, world: int, node_of_rank: list[int] | None =
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    errors = [f"rank {r}: {s['error']}" for r, s in sorted(results.items()) if "error" in s]
+    errors = [f"rank {r}: {o['error']}" for r, o in sorted(results.items()) if isinstance(o, dict) and "error" in o]
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world)]
@@ -81,23 +88,5 @@ def _fn_child(rank: int, world: int, port: int, fn, args, queue, backend: str = 
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 180, backend: str = "gloo") -> list[Any]:
     """Run module-level `fn(rank, world, *args)` in `world` processes (gloo, or nccl with one GPU
     each); return results by rank."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_fn_child, args=(r, world, port, fn, args, queue, backend)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, payload = queue.get(timeout=timeout_s)
-            results[rank] = pickle.loads(payload)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    errors = [f"rank {r}: {o['error']}" for r, o in sorted(results.items()) if isinstance(o, dict) and "error" in o]
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [results[r] for r in range(world)]
+    return _start_and_collect(world, timeout_s, lambda r, port, queue: (
+        _fn_child, (r, world, port, fn, args, queue, backend)))
