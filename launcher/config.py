@@ -186,6 +186,17 @@ def validate(job: JobConfig) -> None:
         p.append(f"data.tokenizer_vocab_size={d.tokenizer_vocab_size}: a byte-level BPE needs at least 257 tokens")
     if not 0 < d.val_fraction < 1:
         p.append(f"data.val_fraction={d.val_fraction}: must be between 0 and 1 (exclusive)")
+    lg, al = job.logger, job.logger.alerts
+    if lg.plot_every < 0:
+        p.append(f"logger.plot_every={lg.plot_every}: must be >= 0 (0 disables the heatmaps)")
+    if lg.peak_tflops is not None and lg.peak_tflops <= 0:
+        p.append(f"logger.peak_tflops={lg.peak_tflops}: must be > 0, or null to use the device's known peak")
+    if al.dead_expert_steps < 1:
+        p.append(f"logger.alerts.dead_expert_steps={al.dead_expert_steps}: must be >= 1")
+    if al.saturation_factor <= 1:
+        p.append(f"logger.alerts.saturation_factor={al.saturation_factor}: must be > 1 (a multiple of the mean load)")
+    if not 0 <= al.diversity_floor <= 1:
+        p.append(f"logger.alerts.diversity_floor={al.diversity_floor}: must be between 0 and 1")
     if job.logger.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         p.append("logger.wandb.mode='online': needs WANDB_API_KEY in the environment (or use offline and `wandb sync` later)")
     if p:

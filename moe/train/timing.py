@@ -80,10 +80,17 @@ class RegionTimer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.spans: dict[str, list[Span]] = {}
+        # CUDA events are reused from step to step (a deep model records thousands per step; creating
+        # each anew costs host time). Reuse is safe: reset() runs after the previous step's sync.
+        self._events: list[Any] = []
+        self._next_event = 0
 
     def now(self) -> Any:
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
+            if self._next_event == len(self._events):
+                self._events.append(torch.cuda.Event(enable_timing=True))
+            event = self._events[self._next_event]
+            self._next_event += 1
             event.record()
             return event
         return time.perf_counter()
@@ -95,6 +102,7 @@ class RegionTimer:
 
     def reset(self) -> None:
         self.spans = {}
+        self._next_event = 0
 
     def collect(self) -> dict[str, tuple[float, float]]:
         """Seconds per region, (forward, backward) summed over its spans. On CUDA call it only after
