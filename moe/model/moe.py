@@ -8,7 +8,7 @@ from moe.config import ModelConfig
 from moe.model.dispatch import GroupedExperts, LocalDispatcher
 from moe.model.layers import SwiGLU
 from moe.model.router import Router, RouterOutput
-from moe.train.timing import RegionTimer, timed
+from moe.train.timing import RegionTimer, run_timed
 
 
 def balanced_routing(routed: RouterOutput, num_experts: int) -> RouterOutput:
@@ -66,13 +66,16 @@ class MoE(nn.Module):
                         "dropped_fraction": routed.metrics["dropped"].float() / max(routed.keep_TK.numel(), 1)}
         with torch.no_grad():
             self.tokens_per_expert_acc += routed.tokens_per_expert_E.to(self.tokens_per_expert_acc.device)
-        span = timed(self.timer, f"experts/layer_{self.layer_id}") if isinstance(self.dispatcher, LocalDispatcher) else None
-        x_in_TD = x_TD if span is None else span.enter(x_TD)
         # Dropless routing keeps everything: say so, and the dispatcher skips a host-syncing nonzero().
         keep_TK = routed.keep_TK if self.router.cfg.capacity_factor > 0 else None
-        out_TD = self.dispatcher.run(x_in_TD, routed.expert_idx_TK, routed.gate_TK, keep_TK, self.experts)
-        if span is not None:
-            out_TD = span.exit(out_TD)
+
+        def dispatch(x: torch.Tensor) -> torch.Tensor:
+            return self.dispatcher.run(x, routed.expert_idx_TK, routed.gate_TK, keep_TK, self.experts)
+
+        if isinstance(self.dispatcher, LocalDispatcher):  # the EP dispatcher times its own regions
+            out_TD = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_TD, dispatch)
+        else:
+            out_TD = dispatch(x_TD)
         out_TD = out_TD.to(x_BSD.dtype)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)

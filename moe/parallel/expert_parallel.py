@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe.model.dispatch import GroupedExperts, plan_local
-from moe.train.timing import RegionTimer, timed
+from moe.train.timing import RegionTimer, run_timed
 
 
 class DispatchCountError(RuntimeError):
@@ -102,12 +102,8 @@ class AllToAllDispatcher:
         # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
         wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
         x_send_SD = x_TD.index_select(0, plan.row_idx_S).to(wire_dtype)
-        span = timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}")
-        if span is not None:
-            x_send_SD = span.enter(x_send_SD)
-        x_recv = all_to_all_single_autograd(x_send_SD, recv_splits, send_splits, self.group)
-        if span is not None:
-            x_recv = span.exit(x_recv)
+        x_recv = run_timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_send_SD,
+                           lambda t: all_to_all_single_autograd(t, recv_splits, send_splits, self.group))
 
         # Arrived rows are ordered (source, local expert); the experts want (local expert, source).
         dev = x_TD.device
@@ -117,20 +113,11 @@ class AllToAllDispatcher:
         perm = torch.sort(le * self.ep + src, stable=True).indices
         inv_perm = torch.argsort(perm)
         tokens_per_local_expert = recv_counts_RL.sum(0)
-        x_grouped = x_recv.index_select(0, perm)
-        span = timed(self.timer, f"experts/layer_{self.layer_id}")
-        if span is not None:
-            x_grouped = span.enter(x_grouped)
-        y_grouped = experts(x_grouped, tokens_per_local_expert.to(x_TD.device))
-        if span is not None:
-            y_grouped = span.exit(y_grouped)
-        y_send = y_grouped.index_select(0, inv_perm).contiguous()
-        span = timed(self.timer, f"a2a_combine/layer_{self.layer_id}")
-        if span is not None:
-            y_send = span.enter(y_send)
-        y_back = all_to_all_single_autograd(y_send, send_splits, recv_splits, self.group)
-        if span is not None:
-            y_back = span.exit(y_back)
+        y_grouped = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_recv.index_select(0, perm),
+                              lambda t: experts(t, tokens_per_local_expert.to(dev)))
+        y_back = run_timed(self.timer, f"a2a_combine/layer_{self.layer_id}",
+                           y_grouped.index_select(0, inv_perm).contiguous(),
+                           lambda t: all_to_all_single_autograd(t, send_splits, recv_splits, self.group))
 
         rec = self.traffic
         bpr = x_TD.shape[-1] * x_send_SD.element_size()

@@ -114,3 +114,11 @@ class RegionTimer:
 def timed(timer: RegionTimer | None, region: str):
     """A span for `region`, or None when timing is off (callers skip the marks then)."""
     return None if timer is None else timer.span(region)
+
+
+def run_timed(timer: RegionTimer | None, region: str, x: torch.Tensor, fn) -> torch.Tensor:
+    """`fn(x)` between `region`'s start and end marks (forward and backward); plain `fn(x)` when off."""
+    span = timed(timer, region)
+    if span is None:
+        return fn(x)
+    return span.exit(fn(span.enter(x)))
