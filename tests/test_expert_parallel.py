@@ -142,3 +142,7 @@ def test_node_limited_routing(tmp_path, group_by, topk_group, max_ranks, max_nod
             assert m[f"traffic/inter_node_bytes/layer_{i}"] == layer_inter
             inter += layer_inter
         assert m["traffic/inter_node_bytes"] == inter
+        # Counted independently from the routing decisions (expert -> rank -> node), it agrees exactly.
+        assert m["traffic/inter_node_bytes_from_routing"] == inter
+    if group_by == "nodes":  # tokens do cross nodes here (a token's one node need not be its own)
+        assert any(m["traffic/inter_node_bytes"] > 0 for m in rows)

@@ -50,15 +50,22 @@ class AllToAllDispatcher:
         self.spread_sum = {"ranks": 0.0, "nodes": 0.0}
         self.spread_max = {"ranks": 0, "nodes": 0}
         self.spread_tokens = 0
+        # Kept assignments whose expert lives on another node, counted from the router's choices alone
+        # (not from the split sizes), so the split-based inter-node bytes can be checked against it.
+        self.routed_inter_node_rows: torch.Tensor | int = 0
 
     def _record_spread(self, expert_idx_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> None:
         """Accumulate on the device (no host sync in the hot path); read at log time."""
         rank_TK = expert_idx_TK // self.local_experts
         if rank_TK.numel() == 0:
             return
+        self.node_of_ep_rank = self.node_of_ep_rank.to(rank_TK.device)
+        remote_TK = self.node_of_ep_rank[rank_TK] != self.node_of_ep_rank[self.ep_rank]
+        if keep_TK is not None:
+            remote_TK = remote_TK & keep_TK
+        self.routed_inter_node_rows = self.routed_inter_node_rows + remote_TK.sum()
         if keep_TK is not None:  # a dropped assignment repeats the token's first rank: no new destination
             rank_TK = torch.where(keep_TK, rank_TK, rank_TK[:, :1].expand_as(rank_TK))
-        self.node_of_ep_rank = self.node_of_ep_rank.to(rank_TK.device)
         for key, v_TK in (("ranks", rank_TK), ("nodes", self.node_of_ep_rank[rank_TK])):
             distinct_T = (v_TK.sort(-1).values.diff(dim=-1) != 0).sum(-1) + 1
             self.spread_sum[key] = self.spread_sum[key] + distinct_T.sum()

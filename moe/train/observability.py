@@ -42,7 +42,7 @@ ALIASES = {
 ROUTER_SUMMARY = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss", "z_loss",
                   "dropped_fraction")
 TRAFFIC_ZERO = ("traffic/dispatch_bytes", "traffic/combine_bytes", "traffic/intra_node_bytes",
-                "traffic/inter_node_bytes", "traffic/expected_bytes_uniform")
+                "traffic/inter_node_bytes", "traffic/expected_bytes_uniform", "traffic/inter_node_bytes_from_routing")
 
 
 def imbalance_wait(after_experts_RL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

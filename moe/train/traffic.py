@@ -18,7 +18,7 @@ def traffic_metrics(model: torch.nn.Module, ctx: ParallelContext, tokens_per_ran
     """Per MoE layer and summed: this rank's dispatch/combine bytes, split intra/inter node, the EP
     group's rank x rank matrix of token vectors, and the uniform-routing expectation. Resets the records."""
     out: dict[str, Any] = {}
-    totals = {"dispatch": 0, "intra": 0, "inter": 0, "expected": 0.0}
+    totals = {"dispatch": 0, "intra": 0, "inter": 0, "expected": 0.0, "routed_inter": 0}
     ep_ranks = ctx.group_ranks("ep")
     nodes = torch.tensor([ctx.node_of_rank[r] for r in ep_ranks])
     same_node_RR = nodes.unsqueeze(0) == nodes.unsqueeze(1)
@@ -40,12 +40,16 @@ def traffic_metrics(model: torch.nn.Module, ctx: ParallelContext, tokens_per_ran
         totals["intra"] += intra
         totals["inter"] += sent - intra
         totals["expected"] += expected
+        totals["routed_inter"] += int(moe.dispatcher.routed_inter_node_rows) * rec.bytes_per_row
         moe.dispatcher.traffic = None
     # The combine returns every row the dispatch sent, so its bytes equal the dispatch's.
     out.update({
         "traffic/dispatch_bytes": totals["dispatch"], "traffic/combine_bytes": totals["dispatch"],
         "traffic/intra_node_bytes": 2 * totals["intra"], "traffic/inter_node_bytes": 2 * totals["inter"],
         "traffic/expected_bytes_uniform": totals["expected"],
+        # The same inter-node bytes counted from the routing decisions (expert -> rank -> node) instead
+        # of the split sizes: the two must agree exactly.
+        "traffic/inter_node_bytes_from_routing": 2 * totals["routed_inter"],
     })
     return out
 
