@@ -195,6 +195,8 @@ def validate(job: JobConfig) -> None:
         p.append(f"logger.alerts.dead_expert_steps={al.dead_expert_steps}: must be >= 1")
     if al.saturation_factor <= 1:
         p.append(f"logger.alerts.saturation_factor={al.saturation_factor}: must be > 1 (a multiple of the mean load)")
+    if al.cooldown_steps < 0:
+        p.append(f"logger.alerts.cooldown_steps={al.cooldown_steps}: must be >= 0 (0 = no cooldown)")
     if not 0 <= al.diversity_floor <= 1:
         p.append(f"logger.alerts.diversity_floor={al.diversity_floor}: must be between 0 and 1")
     if job.logger.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):

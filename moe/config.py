@@ -208,6 +208,10 @@ class AlertsConfig:
     diversity_floor: float = 0.3
     """Alert on router collapse: a layer's expert diversity exp(entropy of the load)/E below this
     (1 = uniform; 0.3 on 8 experts = the load of ~2.4 equally used experts)."""
+    cooldown_steps: int = 50
+    """After an alert of one kind, hold back further alerts of that kind for this many steps (the next
+    one says how many were held back): an untrained router crosses the thresholds on most steps, and a
+    warning per step is noise that also costs step time. 0 = every new crossing alerts."""
 
 
 @dataclass

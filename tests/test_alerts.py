@@ -14,7 +14,7 @@ def counts(*values: int) -> torch.Tensor:
 
 
 def test_dead_expert_fires_once_after_k_steps_and_again_after_recovery():
-    mon = HealthMonitor(AlertsConfig(dead_expert_steps=3, saturation_factor=100, diversity_floor=0))
+    mon = HealthMonitor(AlertsConfig(dead_expert_steps=3, saturation_factor=100, diversity_floor=0, cooldown_steps=0))
     fired = []
     seq = [counts(4, 4, 0, 4)] * 5 + [counts(4, 4, 1, 3)] + [counts(4, 4, 0, 4)] * 3
     for step, c in enumerate(seq):
@@ -24,17 +24,17 @@ def test_dead_expert_fires_once_after_k_steps_and_again_after_recovery():
 
 
 def test_saturation_fires_on_crossing_and_rearms():
-    mon = HealthMonitor(AlertsConfig(dead_expert_steps=100, saturation_factor=2.0, diversity_floor=0))
+    mon = HealthMonitor(AlertsConfig(dead_expert_steps=100, saturation_factor=2.0, diversity_floor=0, cooldown_steps=0))
     hot, calm = counts(9, 1, 1, 1), counts(3, 3, 3, 3)  # expert 0 at 3x the mean, then 1x
     kinds = [[a.kind for a in mon.check({1: c}, s)] for s, c in enumerate([hot, hot, calm, hot])]
     assert kinds == [["expert_saturation"], [], [], ["expert_saturation"]]
-    mon2 = HealthMonitor(AlertsConfig(dead_expert_steps=100, saturation_factor=2.0, diversity_floor=0))
+    mon2 = HealthMonitor(AlertsConfig(dead_expert_steps=100, saturation_factor=2.0, diversity_floor=0, cooldown_steps=0))
     (alert,) = mon2.check({1: hot, 3: calm}, 0)
     assert alert.text.endswith("layer 1: 0 (3.0x)")  # names the layer, the expert and its factor
 
 
 def test_router_collapse_and_merging_per_step():
-    mon = HealthMonitor(AlertsConfig(dead_expert_steps=1, saturation_factor=3.0, diversity_floor=0.5))
+    mon = HealthMonitor(AlertsConfig(dead_expert_steps=1, saturation_factor=3.0, diversity_floor=0.5, cooldown_steps=0))
     collapsed = counts(60, 1, 1, 1, 1, 0, 0, 0)  # almost everything on expert 0
     alerts = mon.check({1: collapsed, 2: collapsed, 3: counts(*[8] * 8)}, 7)
     by_kind = {a.kind: a for a in alerts}
@@ -69,3 +69,11 @@ def test_training_run_prints_and_records_alerts(tmp_path, capsys):
     assert "layer 1: 6, 7; layer 2: 6, 7; layer 3: 6, 7" in rows[2]["text"]
     for r in rows:
         assert f"[moe-alert] WARNING step {r['step']}: {r['title']}: {r['text']}" in out
+
+
+def test_cooldown_holds_back_repeats_and_counts_them():
+    mon = HealthMonitor(AlertsConfig(dead_expert_steps=100, saturation_factor=2.0, diversity_floor=0, cooldown_steps=4))
+    hot, calm = counts(9, 1, 1, 1), counts(3, 3, 3, 3)
+    fired = {s: mon.check({1: c}, s) for s, c in enumerate([hot, calm, hot, calm, hot, calm])}
+    assert [s for s, a in fired.items() if a] == [0, 4]  # the crossing at step 2 is held back
+    assert "(1 more held back since step 0" in fired[4][0].text

@@ -118,3 +118,40 @@ def test_redact_removes_secret_keys_and_values():
     cfg = {"logger": {"wandb": {"api_key": "abc", "name": f"run-{FAKE_KEY}"}}, "tags": [FAKE_KEY, "ok"], "n": 3}
     out = redact(cfg, secrets=[FAKE_KEY])
     assert out == {"logger": {"wandb": {"api_key": "<redacted>", "name": "<redacted>"}}, "tags": ["<redacted>", "ok"], "n": 3}
+
+
+def test_fake_key_leaks_nowhere_through_the_launcher(tmp_path):
+    """The whole path: `python -m launcher` with a local Ray and the default offline wandb. The key is in
+    the driver's environment; it must not reach stdout/stderr, the run dir (Hydra's `.hydra/` copy of the
+    config included), wandb's files or Ray's session logs."""
+    import shutil
+    import tempfile
+
+    run_dir, home = tmp_path / "run", tmp_path / "wandb_home"
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "WANDB_API_KEY": FAKE_KEY, "WANDB_CACHE_DIR": str(home / "cache"),
+           "WANDB_CONFIG_DIR": str(home / "config"), "WANDB_DATA_DIR": str(home / "data"), "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher", "model=deepseek_tiny", "data=synthetic", "train.steps=2",
+         "train.global_batch_size=2", "train.micro_batch_size=1", "train.seq_len=16", "train.eval_every=0",
+         "cluster.cpus_per_worker=1", f"hydra.run.dir={run_dir}"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert FAKE_KEY not in proc.stdout and FAKE_KEY not in proc.stderr
+        searched: list[str] = []
+        for root in (str(tmp_path), ray_tmp):
+            for dirpath, _, names in os.walk(root):
+                for name in names:
+                    path = os.path.join(dirpath, name)
+                    if os.path.islink(path) or not os.path.isfile(path):
+                        continue  # sockets and links in Ray's session dir
+                    with open(path, "rb") as f:
+                        assert FAKE_KEY.encode() not in f.read(), path
+                    searched.append(path)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert any("/.hydra/" in p for p in searched), "Hydra's config copy was not there to search"
+    assert any(p.endswith(".wandb") for p in searched), "the wandb run was not there to search"
+    assert any("/logs/" in p and p.startswith(ray_tmp) for p in searched), "Ray's session logs were not there to search"

@@ -7,7 +7,9 @@ Three conditions, each edge-triggered so a lasting problem alerts once, not ever
   when it crosses the threshold; re-armed once it is back below);
 - router collapse: a layer's expert diversity exp(entropy of the load distribution) / E fell below
   `diversity_floor` (1 = uniform, 1/E = every token on one expert; re-armed once back above).
-Alerts of one kind on one step are merged into one message naming every layer and expert.
+Alerts of one kind on one step are merged into one message naming every layer and expert. After an
+alert, others of the same kind are held back for `cooldown_steps` steps and counted; the next one says
+how many were held back.
 """
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ class HealthMonitor:
         self.saturated: dict[int, torch.Tensor] = {}
         """Per layer, bool [E]: above the saturation threshold on the previous step."""
         self.collapsed: dict[int, bool] = {}
+        self.last_fired: dict[str, int] = {}
+        """Per alert kind, the step it last fired."""
+        self.held_back: dict[str, int] = {}
+        """Per alert kind, alerts held back by the cooldown since it last fired."""
 
     def check(self, counts_by_layer: dict[int, torch.Tensor], step: int) -> list[Alert]:
         """Update the state with this step's global counts (int [E] per layer) and return new alerts."""
@@ -99,4 +105,16 @@ class HealthMonitor:
         if collapsed:
             alerts.append(Alert(step, "router_collapse", "router collapse",
                                 f"expert diversity below {c.diversity_floor:g}: {_layers_text(collapsed)}"))
-        return alerts
+        return [a for a in alerts if self._release(a)]
+
+    def _release(self, alert: Alert) -> bool:
+        """Apply the cooldown; a released alert mentions how many of its kind were held back."""
+        last = self.last_fired.get(alert.kind)
+        if last is not None and alert.step - last < self.cfg.cooldown_steps:
+            self.held_back[alert.kind] = self.held_back.get(alert.kind, 0) + 1
+            return False
+        held = self.held_back.pop(alert.kind, 0)
+        if held:
+            alert.text += f" ({held} more held back since step {last}: logger.alerts.cooldown_steps={self.cfg.cooldown_steps})"
+        self.last_fired[alert.kind] = alert.step
+        return True
