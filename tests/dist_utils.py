@@ -19,6 +19,10 @@ def free_port() -> int:
 
 def _child(rank: int, world: int, port: int, job: JobConfig, node_of_rank, patch, queue) -> None:
     torch.set_num_threads(1)
+    if job.cluster.use_gpu:  # as Ray does: each worker sees only its own GPU (CUDA is not initialised yet)
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     try:
         if patch is not None:
             patch()
