@@ -1,6 +1,14 @@
 """Train the same model and data on one GPU and on a multi-GPU layout; compare losses step by step.
 
     NCCL_NVLS_ENABLE=0 python benchmarks/compare_layouts_gpu.py --gpus 2 --dp 2 --ep 2 --steps 20
+    NCCL_NVLS_ENABLE=0 python benchmarks/compare_layouts_gpu.py --gpus 2 --dp 1 --ep 1 --pp 2 --steps 20
+    NCCL_NVLS_ENABLE=0 python benchmarks/compare_layouts_gpu.py --gpus 2 --dp 1 --tp 2 --ep 1 --steps 20
+
+With --tp the dense part (attention, dense MLP, shared experts, embedding, head) is split over tp GPUs
+with a sequence-parallel residual stream; the routed experts see each GPU's slice of the tokens.
+
+With --pp the layout runs 1F1B over the step's micro-batches (global batch / (micro-batch * dp) of
+them: at least pp; more shrink the bubble (pp-1)/(m+pp-1)).
 
 Both runs use bf16 autocast, the same seed, global batch and micro-batch, so the only differences are
 reduction order and bf16 rounding in different places. Prints both loss curves, the largest relative
@@ -19,7 +27,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def make_job(args, dp: int, ep: int, run_dir: str):
+def make_job(args, dp: int, ep: int, run_dir: str, pp: int = 1, tp: int = 1):
     from tests.conftest import job_from
 
     job = job_from([
@@ -27,7 +35,8 @@ def make_job(args, dp: int, ep: int, run_dir: str):
         f"train.steps={args.steps}", f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={args.micro_batch}", f"train.seq_len={args.seq_len}", "train.eval_every=0",
         "train.warmup_steps=5", "cluster.use_gpu=true", f"model.moe.backend={args.backend}", f"train.lr={args.lr}",
-        f"parallel.dp={dp}", f"parallel.ep={ep}", f"cluster.num_workers={dp}",
+        f"parallel.dp={dp}", f"parallel.ep={ep}", f"parallel.pp={pp}", f"parallel.tp={tp}",
+        f"cluster.num_workers={dp * pp * tp}",
     ])
     job.run_dir = run_dir
     return job
@@ -37,7 +46,7 @@ def _child(rank: int, world: int, port: int, args, out_dir: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # each worker sees its own GPU as cuda:0, as under Ray
     from moe.train.worker import run_worker
 
-    job = make_job(args, args.dp, args.ep, out_dir)
+    job = make_job(args, args.dp, args.ep, out_dir, pp=args.pp, tp=args.tp)
     summary = run_worker(job, rank, world, "127.0.0.1", port)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(summary, f)
@@ -48,6 +57,8 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=2)
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (the layout needs gpus = dp * tp * pp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (sequence parallel inside)")
     p.add_argument("--model", default="deepseek_small")
     p.add_argument("--backend", default="grouped_mm")
     p.add_argument("--steps", type=int, default=20)
@@ -57,6 +68,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--out", default="/tmp/compare_layouts")
     args = p.parse_args()
+    if args.gpus != args.dp * args.tp * args.pp:
+        p.error(f"--gpus={args.gpus} must equal --dp * --tp * --pp = {args.dp * args.tp * args.pp}")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.makedirs(args.out, exist_ok=True)
 
@@ -85,8 +98,10 @@ def main() -> None:
     tps_one = one["median_tokens_per_s"]
     tps_many = many["median_tokens_per_s"] / args.gpus
     print(f"max relative loss difference over {args.steps} steps: {worst:.3e}")
-    print(f"tokens/s per GPU: 1 GPU {tps_one:.0f}; dp={args.dp} ep={args.ep} on {args.gpus} GPUs {tps_many:.0f} "
-          f"(ratio {tps_many / tps_one:.3f}); median step after the first three")
+    print(f"tokens/s per GPU: 1 GPU {tps_one:.0f}; dp={args.dp} tp={args.tp} ep={args.ep} pp={args.pp} on {args.gpus} GPUs "
+          f"{tps_many:.0f} (ratio {tps_many / tps_one:.3f}); median step after the first three")
+    print(f"tokens/s in total: 1 GPU {tps_one:.0f}; {args.gpus} GPUs {many['median_tokens_per_s']:.0f} "
+          f"(speed-up {many['median_tokens_per_s'] / tps_one:.2f}x)")
 
 
 def _single(args, out_dir: str) -> None:

@@ -19,6 +19,12 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if job.run_dir != ".":
+        # Hydra has already made its own run dir (and written .hydra/ there); a second name would split
+        # the run in two, and a resume would look in the wrong place.
+        print(f"error: run_dir={job.run_dir!r}: the run dir is Hydra's; choose it with hydra.run.dir={job.run_dir} "
+              "(the same value again continues that run from its last checkpoint)", file=sys.stderr)
+        sys.exit(2)
     job.run_dir = HydraConfig.get().runtime.output_dir
     if job.launcher.mode == "plan":
         from launcher.plan import print_plan
@@ -40,7 +46,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(130)
     print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
           + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
-          + f", {summary['tokens_per_s']:.0f} tokens/s; run dir {job.run_dir}")
+          + f", {summary['tokens_per_s']:.0f} tokens/s"
+          + (f", {summary['restarts']} restart(s) after worker failures" if summary.get("restarts") else "")
+          + f"; run dir {job.run_dir}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,57 @@ def _get(job: JobConfig, path: str) -> Any:
     return obj
 
 
+def _pipeline_problems(job: JobConfig) -> list[str]:
+    """Pipeline parallelism (moe/parallel/pipeline.py): every stage holds at least one layer, and the
+    1F1B schedule needs at least pp micro-batches per step to fill the pipeline."""
+    par, m, t = job.parallel, job.model, job.train
+    if par.pp <= 1:
+        return []
+    p = []
+    if par.pp > m.num_layers:
+        p.append(f"parallel.pp={par.pp}: more pipeline stages than model.num_layers={m.num_layers} "
+                 "(every stage needs at least one layer)")
+    if t.micro_batch_size >= 1 and par.dp >= 1 and t.global_batch_size % (t.micro_batch_size * par.dp) == 0:
+        accum = t.global_batch_size // (t.micro_batch_size * par.dp)
+        if accum < par.pp:
+            p.append(f"parallel.pp={par.pp}: the 1F1B pipeline schedule needs at least pp micro-batches per step, but "
+                     f"train.global_batch_size / (train.micro_batch_size * parallel.dp) = {t.global_batch_size}/"
+                     f"({t.micro_batch_size}*{par.dp}) = {accum}; raise train.global_batch_size to "
+                     f"{par.pp * t.micro_batch_size * par.dp} or more, or lower train.micro_batch_size")
+    return p
+
+
+def _tensor_parallel_problems(job: JobConfig) -> list[str]:
+    """Tensor parallelism (moe/parallel/tensor_parallel.py) splits whole heads, hidden widths, the
+    vocabulary and (sequence parallel) the sequence evenly over the tp ranks."""
+    par, m, t = job.parallel, job.model, job.train
+    tp = par.tp
+    if tp <= 1:
+        return []
+    p = []
+
+    def need(path: str, value: int, what: str) -> None:
+        if value % tp:
+            p.append(f"{path}={value}: must be divisible by parallel.tp={tp} ({what})")
+
+    need("model.num_heads", m.num_heads, "each tp rank computes whole attention heads")
+    if m.attention == "gqa":
+        need("model.num_kv_heads", m.num_kv_heads, "each tp rank holds whole key/value heads")
+    if m.num_dense_layers > 0:
+        need("model.dense_intermediate_size", m.dense_intermediate_size, "the dense MLP's hidden width is split")
+    if m.moe.num_shared_experts > 0 and m.num_dense_layers < m.num_layers:
+        shared = m.moe.expert_intermediate_size * m.moe.num_shared_experts
+        if shared % tp:
+            p.append(f"model.moe.expert_intermediate_size * model.moe.num_shared_experts = {shared}: must be divisible "
+                     f"by parallel.tp={tp} (the shared experts' hidden width is split)")
+    need("model.vocab_size", m.vocab_size, "the embedding and output head are split over the vocabulary")
+    need("train.seq_len", t.seq_len, "sequence parallel gives each tp rank an equal slice of every sequence")
+    if par.pp > 1:
+        p.append(f"parallel.tp={tp} with parallel.pp={par.pp}: tensor and pipeline parallelism together are not "
+                 "supported yet; use one of them (with dp and ep)")
+    return p
+
+
 def validate(job: JobConfig) -> None:
     """Cross-field checks; collects every problem so one run shows them all."""
     p: list[str] = []
@@ -133,10 +184,6 @@ def validate(job: JobConfig) -> None:
             p.append(f"parallel.ep={par.ep}: must divide dp*tp={par.dp * par.tp} (EP borrows its ranks from dp and tp)")
         if moe.num_experts % par.ep:
             p.append(f"parallel.ep={par.ep}: must divide model.moe.num_experts={moe.num_experts}")
-        for d in ("tp", "pp"):
-            if degrees[d] > 1:
-                p.append(f"parallel.{d}={degrees[d]}: not supported yet in this version (only {d}=1); "
-                         "use data and expert parallelism (parallel.dp, parallel.ep) for now")
     if par.timeout_s < 1:
         p.append(f"parallel.timeout_s={par.timeout_s}: must be >= 1")
     if c.num_workers < 1:
@@ -156,6 +203,8 @@ def validate(job: JobConfig) -> None:
     if t.micro_batch_size >= 1 and par.dp >= 1 and t.global_batch_size % (t.micro_batch_size * par.dp):
         p.append(f"train.global_batch_size={t.global_batch_size}: must be a multiple of train.micro_batch_size * "
                  f"parallel.dp = {t.micro_batch_size}*{par.dp} = {t.micro_batch_size * par.dp}")
+    p += _pipeline_problems(job)
+    p += _tensor_parallel_problems(job)
     if t.seq_len > m.max_seq_len:
         p.append(f"train.seq_len={t.seq_len}: longer than model.max_seq_len={m.max_seq_len}")
     if t.lr <= 0:
@@ -174,6 +223,9 @@ def validate(job: JobConfig) -> None:
     if t.resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(t.resume)):
         p.append(f"train.resume={t.resume!r}: must be `auto`, `none` or an existing checkpoint folder "
                  "(runs/<run>/checkpoints/step_NNNNNNNN)")
+    if t.max_failures < 0:
+        p.append(f"train.max_failures={t.max_failures}: must be >= 0 (0 = stop at the first worker failure; "
+                 "N = restart the workers up to N times from the last checkpoint)")
     if t.grad_clip < 0:
         p.append(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
 

@@ -6,14 +6,17 @@ node-contiguous with EP and TP groups inside nodes (`launcher.topology`).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import re
 import sys
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from launcher import flight_recorder
 from launcher.placement import WorkerGroup
 from launcher.preflight import choose_nodes, read_cluster
+from launcher.supervisor import AttemptFailed, watch
 from launcher.topology import Layout, assign_ranks, build_placements, format_table, write_topology
 from moe.config import ClusterConfig, JobConfig
 
@@ -137,65 +140,55 @@ class Progress:
             self.bar.close()
 
 
-def _error_text(e: BaseException) -> str:
-    """The worker's own error: RayTaskError carries the remote traceback, actor deaths say why (Ray's
-    terminal colour codes removed, so logs and tests read plain text)."""
-    return re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+class RestartsExhausted(WorkerError):
+    """Workers failed more often than train.max_failures allows; the message lists every failure."""
+
+    def __init__(self, failures: list[AttemptFailed], max_failures: int, run_dir: str, resume_note: str) -> None:
+        self.rank = failures[-1].primary.rank
+        lines = [f"training failed {len(failures)} times and was restarted {len(failures) - 1} times "
+                 f"(train.max_failures={max_failures}); giving up:"]
+        lines += [f"  attempt {i + 1}: {f.primary.headline()}" for i, f in enumerate(failures)]
+        lines += ["last failure in full:", failures[-1].details(),
+                  f"Fix the cause or raise train.max_failures. The checkpoints stay in {run_dir}/checkpoints: "
+                  f"starting the launcher again with hydra.run.dir={run_dir} continues {resume_note}."]
+        RuntimeError.__init__(self, "\n".join(lines))
 
 
-def _supervise(job: JobConfig, group: WorkerGroup, refs: list, queue, node_of_rank: list[int]) -> dict[str, Any]:
-    """Wait for every worker, feeding the progress bar; the first failure stops everyone."""
+def _resume_point(run_dir: str) -> str:
+    """Where a new attempt will continue, for the driver's messages (the workers verify it)."""
+    from moe.train.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(os.path.join(run_dir, "checkpoints"))
+    if not found:
+        return "from step 0 (no complete checkpoint yet)"
+    step, folder = found[-1]
+    return f"from {folder} (step {step + 1})"
+
+
+def _run_attempt(job: JobConfig, layout: Layout, attempt: int) -> dict[str, Any]:
+    """Place the workers, verify the topology, train; the group is always stopped on the way out.
+    Raises AttemptFailed when a worker fails (every rank's outcome in it)."""
     import ray
-    from ray.util.queue import Empty
-
-    rank_of = {ref: r for r, ref in enumerate(refs)}
-    results: dict[int, Any] = {}
-    pending = list(refs)
-    progress = Progress(job.logger.progress_bar, job.train.steps)
-    try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
-            while True:
-                try:
-                    progress.update(queue.get_nowait())
-                except Empty:
-                    break
-            for ref in done:
-                rank = rank_of[ref]
-                try:
-                    results[rank] = ray.get(ref)
-                except Exception as e:  # RayTaskError, RayActorError, ...: stop everyone, name the rank
-                    group.shutdown()
-                    raise WorkerError(rank, node_of_rank[rank], _error_text(e)) from None
-    finally:
-        progress.close()
-    return results[0]
-
-
-def run_training(job: JobConfig) -> dict[str, Any]:
-    """Run `job` on the Ray cluster; returns rank 0's summary. Raises ResourceError / TopologyError
-    before anything is reserved, WorkerError when a worker fails."""
-    import ray
-    from ray.util.queue import Queue
+    from ray.util.queue import Empty, Queue
 
     c, par = job.cluster, job.parallel
-    layout = Layout(par.dp, par.tp, par.pp, par.ep)
-    job.run_dir = os.path.abspath(job.run_dir)  # workers may not share the driver's working directory
-    os.makedirs(job.run_dir, exist_ok=True)
-    init_ray(c)
     group: WorkerGroup | None = None
+    progress: Progress | None = None
+    queue = None
     try:
         plan = choose_nodes(read_cluster(c.use_gpu, c.cpus_per_worker), c.num_workers, c.workers_per_node,
                             c.use_gpu, c.cpus_per_worker, layout, par.allow_cross_node_ep)
-        group = WorkerGroup(plan, c.use_gpu, c.cpus_per_worker)
+        group = WorkerGroup(plan, c.use_gpu, c.cpus_per_worker,
+                            extra_env=flight_recorder.worker_env(job.run_dir, attempt, c.use_gpu))
         started = group.describe()
         by_index = {s.info.handle_index: s for s in started}
         ranked = assign_ranks([s.info for s in started], [n.node_id for n in plan.nodes])
         placements = build_placements(layout, ranked, plan.workers_per_node, par.allow_cross_node_ep)
         write_topology(os.path.join(job.run_dir, "topology.json"), layout, placements, plan.workers_per_node)
-        print(f"topology: {layout.world} workers on {len(plan.nodes)} node(s), {plan.workers_per_node} per node "
-              f"(verified from the workers' reports; written to {job.run_dir}/topology.json)", file=sys.stderr)
-        print(format_table(placements), file=sys.stderr)
+        if attempt == 0:
+            print(f"topology: {layout.world} workers on {len(plan.nodes)} node(s), {plan.workers_per_node} per node "
+                  f"(verified from the workers' reports; written to {job.run_dir}/topology.json)", file=sys.stderr)
+            print(format_table(placements), file=sys.stderr)
 
         handles = [by_index[w.handle_index].handle for w in ranked]
         node_of_rank = [p.node_index for p in placements]
@@ -205,9 +198,74 @@ def run_training(job: JobConfig) -> dict[str, Any]:
         refs = [h.run.remote(job, rank, layout.world, master_addr, master_port, node_of_rank,
                              queue if rank == 0 else None, c.cpus_per_worker)
                 for rank, h in enumerate(handles)]
-        return _supervise(job, group, refs, queue, node_of_rank)
+        progress = Progress(job.logger.progress_bar, job.train.steps)
+
+        def feed_progress() -> None:
+            while True:
+                try:
+                    progress.update(queue.get_nowait())
+                except Empty:
+                    return
+
+        try:
+            return watch(refs, node_of_rank, feed_progress)
+        except AttemptFailed as e:
+            e.note = flight_recorder.note(job.run_dir, attempt)
+            raise
     finally:
-        # Also on Ctrl-C: kill the actors first so no worker outlives the driver, then leave Ray.
+        # Also on Ctrl-C: kill the actors first so no worker outlives the driver (stopped ones included).
+        if progress is not None:
+            progress.close()
         if group is not None:
             group.shutdown()
+        if queue is not None:
+            queue.shutdown(force=True)  # its actor would otherwise outlive the attempt
+
+
+def run_training(job: JobConfig) -> dict[str, Any]:
+    """Run `job` on the Ray cluster; returns rank 0's summary. Raises ResourceError / TopologyError
+    before anything is reserved, WorkerError when a worker fails and no restart is left
+    (RestartsExhausted after train.max_failures restarts).
+
+    After a failure every worker is stopped and a fresh group starts, up to train.max_failures times;
+    the workers resume from the newest complete checkpoint in the run dir (train.resume=auto)."""
+    import ray
+
+    c, par = job.cluster, job.parallel
+    layout = Layout(par.dp, par.tp, par.pp, par.ep)
+    job.run_dir = os.path.abspath(job.run_dir)  # workers may not share the driver's working directory
+    os.makedirs(job.run_dir, exist_ok=True)
+    init_ray(c)
+    failures: list[AttemptFailed] = []
+    attempt_job = job
+    try:
+        while True:
+            attempt = len(failures)
+            try:
+                summary = _run_attempt(attempt_job, layout, attempt)
+                break
+            except AttemptFailed as e:
+                failures.append(e)
+                if not e.retryable:
+                    raise WorkerError(e.primary.rank, e.primary.node, e.details()
+                                      + "\nnot restarted: this error repeats on a resume from the same state") from None
+                if attempt >= job.train.max_failures:
+                    if attempt == 0:
+                        raise WorkerError(e.primary.rank, e.primary.node, e.details()) from None
+                    raise RestartsExhausted(failures, job.train.max_failures, job.run_dir,
+                                            _resume_point(job.run_dir)) from None
+                where = _resume_point(job.run_dir)
+                print(f"[restart {attempt + 1}/{job.train.max_failures}] {e.primary.headline()}; all workers "
+                      f"stopped; starting a new group that continues {where}", file=sys.stderr, flush=True)
+                if "step 0" not in where and job.train.resume != "auto":
+                    # The run's own checkpoints are newer than a named (or no) starting point.
+                    attempt_job = dataclasses.replace(job, train=dataclasses.replace(job.train, resume="auto"))
+    finally:
         ray.shutdown()
+    summary["restarts"] = len(failures)
+    summary["failures"] = [f"attempt {i + 1}: {f.primary.headline()}" for i, f in enumerate(failures)]
+    path = os.path.join(job.run_dir, "summary.json")
+    if os.path.isfile(path):  # rank 0 wrote it; only the driver knows about restarts
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

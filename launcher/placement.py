@@ -11,7 +11,8 @@ Why an actor group of our own rather than Ray Train's `TorchTrainer`:
   `STARTUP_TIMEOUT_S` (resources busy with other jobs) are a named error too.
 - The training entry point stays `moe.train.worker.run_worker`, the same function the
   multiprocessing tests call, so nothing about training differs between the two launch paths.
-What we give up: Ray Train's restart-from-checkpoint (`FailureConfig`); a failed worker stops the run.
+Restarts after a failure (Ray Train's `FailureConfig`) are the driver's: it stops the whole group and
+starts a new one that resumes from the last checkpoint (`train.max_failures`, launcher.driver).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ STARTUP_TIMEOUT_S = 120.0
 # Variables workers inherit through Ray's runtime environment. Secrets (WANDB_API_KEY) are left out on
 # purpose: wandb reads the key from the worker's own environment or netrc. CUDA_VISIBLE_DEVICES is left
 # out too: Ray sets it per actor to the GPU it assigned, and the driver's value would override that.
-PASSTHROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "WANDB_", "TRITON_", "GLOO_")
+PASSTHROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_FR_", "WANDB_", "TRITON_", "GLOO_", "MOE_TEST_")
 SECRET_NAMES = ("WANDB_API_KEY",)
 
 
@@ -78,18 +79,20 @@ class StartedWorker:
 class WorkerGroup:
     """Start `workers_per_node` actors on each chosen node; kill them all on `shutdown`."""
 
-    def __init__(self, placement: Placement, use_gpu: bool, cpus_per_worker: int) -> None:
+    def __init__(self, placement: Placement, use_gpu: bool, cpus_per_worker: int,
+                 extra_env: dict[str, str] | None = None) -> None:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         actor_cls = ray.remote(TrainWorker)
+        env = {**(extra_env or {}), **worker_env()}  # what the user exported wins
         self.handles: list[Any] = []
         for node in placement.nodes:
             for _ in range(placement.workers_per_node):
                 self.handles.append(actor_cls.options(
                     num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0, max_restarts=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
-                    runtime_env={"env_vars": worker_env()},
+                    runtime_env={"env_vars": env},
                 ).remote())
 
     def describe(self, timeout_s: float = STARTUP_TIMEOUT_S) -> list[StartedWorker]:

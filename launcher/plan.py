@@ -113,7 +113,9 @@ def memory_plan(job: JobConfig, tokens: int, act_bytes: int) -> MemoryPlan:
     dense = counts.total - counts.routed_experts
     params = dense / (par.tp * par.pp) + counts.routed_experts / (par.ep * par.pp)
     return MemoryPlan(params=params, weights=4 * params, grads=4 * params, optimizer=8 * params,
-                      activations=activation_bytes(job, tokens, act_bytes) / par.pp)
+                      # 1F1B: stage s keeps pp - s micro-batches in flight, so the first stage holds about
+                      # pp x (1/pp of the layers) = one micro-batch of the whole model, not 1/pp of it.
+                      activations=activation_bytes(job, tokens, act_bytes))
 
 
 def plan_workers_per_node(job: JobConfig) -> int:
@@ -124,6 +126,23 @@ def activation_dtype_bytes(job: JobConfig) -> int:
     """bf16 where training autocasts (GPU with train.dtype=auto, or bf16), fp32 otherwise."""
     t = job.train.dtype
     return 2 if t == "bf16" or (t == "auto" and job.cluster.use_gpu) else 4
+
+
+def pipeline_plan_line(job: JobConfig, micro_batches: int) -> str:
+    """The stage split (moe/parallel/pipeline.py's cost model) and the 1F1B bubble."""
+    from moe.parallel.pipeline import layer_costs, stage_layers
+
+    par, m = job.parallel, job.model
+    ranges = stage_layers(m, par.pp, job.train.seq_len)
+    costs, _, head = layer_costs(m, job.train.seq_len)
+    parts = []
+    for s, r in enumerate(ranges):
+        extra = (" + embeddings" if s == 0 else "") + (" + norm/head" if s == par.pp - 1 else "")
+        cost = sum(costs[i] for i in r) + (head if s == par.pp - 1 else 0.0)
+        parts.append(f"stage {s}: layers {r.start}-{r.stop - 1}{extra} ({cost / 1e6:,.0f} MFLOP/token fwd)")
+    bubble = (par.pp - 1) / (micro_batches + par.pp - 1)
+    return (f"pipeline: {'; '.join(parts)}; 1F1B over {micro_batches} micro-batches, bubble "
+            f"(pp-1)/(m+pp-1) = {bubble:.0%}")
 
 
 def _gb(x: float) -> str:
@@ -158,6 +177,8 @@ def print_plan(job: JobConfig) -> list[str]:
 
     n_moe = m.num_layers - m.num_dense_layers
     accum = max(t.global_batch_size // max(t.micro_batch_size * par.dp, 1), 1)
+    if 1 < par.pp <= m.num_layers:
+        print(pipeline_plan_line(job, accum))
     if placements is not None and par.ep > 1:
         tr = traffic_plan(tokens, m.moe.top_k, m.hidden_size, act_b, n_moe, accum, placements)
         print(f"all-to-all per GPU per MoE layer (uniform routing, {tokens} tokens, {tr.bytes_per_vector:,} B per "

@@ -160,6 +160,12 @@ class TrainConfig:
     resume: str = "auto"
     """`auto`: continue from the newest complete checkpoint in the run dir, if any; `none`: start
     fresh; or a path to a checkpoint folder written by an earlier run."""
+    max_failures: int = 0
+    """How many times the launcher restarts the workers after one fails (died, raised, or hung in a
+    collective past parallel.timeout_s): it stops them all, starts a fresh group and continues from the
+    newest complete checkpoint (train.resume=auto; from step 0 without checkpoints). 0 (the default, as
+    Ray Train's FailureConfig) stops at the first failure; errors that would repeat (a non-finite loss)
+    are never retried."""
     force_balanced_routing: bool = False
     """Replace the router's choices by round-robin (same shapes, every expert equally loaded) to
     measure what real routing costs in throughput; see benchmarks/bench_balanced_routing.py."""

@@ -9,7 +9,7 @@ import torch
 
 from moe.train import checkpoint
 from moe.train.loop import train
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, spawn
 from tests.test_expert_parallel import make_job, rel
 
 
@@ -45,9 +45,10 @@ def test_resume_is_bit_identical(full_run, tmp_path):
     run_dir, full = full_run
     _seed_from(run_dir, 4, tmp_path)
     resumed = train(_job(tmp_path))
-    assert resumed["start_step"] == 5
-    assert _hex(resumed["losses"]) == _hex(full["losses"][5:])
-    assert _hex(resumed["grad_norms"]) == _hex(full["grad_norms"][5:])
+    assert resumed["start_step"] == 5 and resumed["losses_from_step"] == 0
+    # The summary covers all 10 steps: 0-4 from the checkpoint's history, 5-9 run again here.
+    assert _hex(resumed["losses"]) == _hex(full["losses"])
+    assert _hex(resumed["grad_norms"]) == _hex(full["grad_norms"])
 
 
 def test_negative_control_without_optimizer_state_differs(full_run, tmp_path, monkeypatch):
@@ -60,8 +61,8 @@ def test_negative_control_without_optimizer_state_differs(full_run, tmp_path, mo
 
     monkeypatch.setattr(checkpoint, "_state_views", weights_only)
     resumed = train(_job(tmp_path))
-    assert _hex(resumed["losses"][:1]) == _hex(full["losses"][5:6])  # same weights at the restart
-    assert _hex(resumed["losses"]) != _hex(full["losses"][5:])  # but not the same continuation
+    assert _hex(resumed["losses"][5:6]) == _hex(full["losses"][5:6])  # same weights at the restart
+    assert _hex(resumed["losses"][5:]) != _hex(full["losses"][5:])  # but not the same continuation
 
 
 def test_incomplete_and_tampered_checkpoints_are_skipped(full_run, tmp_path, capsys):
@@ -81,7 +82,7 @@ def test_incomplete_and_tampered_checkpoints_are_skipped(full_run, tmp_path, cap
     resumed = train(_job(tmp_path))
     assert resumed["start_step"] == 5
     assert "sha256 differs" in capsys.readouterr().out
-    assert _hex(resumed["losses"]) == _hex(full["losses"][5:])
+    assert _hex(resumed["losses"]) == _hex(full["losses"])
 
 
 def test_named_path_must_verify(tmp_path):
@@ -134,5 +135,74 @@ def test_ep2_checkpoint_loads_on_one_process(full_run, tmp_path):
     job = _job(tmp_path / "single")
     job.train.resume = ep_ckpt
     resumed = train(job)
-    for x, y in zip(resumed["losses"], full["losses"][5:]):
+    assert len(resumed["losses"]) == 10  # 0-4 from the ep=2 run's checkpoint history
+    for x, y in zip(resumed["losses"][5:], full["losses"][5:]):
         assert rel(x, y) < 1e-5
+
+
+def test_checkpoint_holds_data_position_history_and_expert_biases(full_run):
+    run_dir, full = full_run
+    folder = os.path.join(run_dir, "checkpoints", "step_00000004")
+    extra = checkpoint.verify(folder)["extra"]
+    assert extra["step"] == 4 and extra["data"]["next_batch"] == 5 and extra["wandb_run_id"] is None
+    history = checkpoint.load_history(folder)
+    assert _hex(history["losses"]) == _hex(full["losses"][:5]) and len(history["grad_norms"]) == 5
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(folder).read_metadata().state_dict_metadata
+    moe_layers = [k for k in keys if k.endswith("router.expert_bias")]
+    assert len(moe_layers) == 3  # deepseek_tiny: 4 layers, the first dense
+    assert os.path.isfile(os.path.join(folder, "rng_rank0.pt"))
+
+
+def _rng_and_bias_roundtrip(rank: int, world: int, root: str):
+    """Each rank gives its RNG its own state and the routers random biases, saves, draws; then scrambles
+    both, loads, and draws again: the draws and the biases must come back exactly, rank by rank."""
+    from moe.config import ParallelConfig
+    from moe.model.transformer import build_model
+    from moe.parallel.mesh import build_parallel_context
+    from moe.train.optim import build_optimizer
+
+    job = _job(root)
+    ctx = build_parallel_context(ParallelConfig(dp=world), "cpu")
+    model = build_model(job.model, seed=0)
+    optimizer = build_optimizer(model, job.train)
+    for p in model.parameters():  # one (zero) step, so the optimizer has moments to save
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    biases = {n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}
+    for b in biases.values():  # replicated like in training: the same values on every rank
+        b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(3)))
+    torch.manual_seed(1000 + rank)
+    saved = {n: b.clone() for n, b in biases.items()}
+    folder = checkpoint.save(root, 0, model, optimizer, ctx, {"step": 0}, keep=1)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    for b in biases.values():
+        b.zero_()
+    checkpoint.load(folder, model, optimizer, ctx)
+    assert all(torch.equal(biases[n], saved[n]) for n in saved)
+    return expected.tolist(), torch.rand(4).tolist()
+
+
+def test_every_rank_restores_its_own_rng_and_the_expert_biases(tmp_path):
+    results = spawn(_rng_and_bias_roundtrip, 2, str(tmp_path))
+    (want0, got0), (want1, got1) = results
+    assert got0 == want0 and got1 == want1
+    assert want0 != want1  # two ranks, two different streams: each got its own back
+    assert sorted(f for f in os.listdir(tmp_path / "step_00000000") if f.startswith("rng")) == \
+        ["rng_rank0.pt", "rng_rank1.pt"]
+
+
+def test_resumed_run_keeps_logging_into_the_same_wandb_run(tmp_path):
+    first = _job(tmp_path, steps=5)
+    first.logger.wandb.mode = "offline"
+    train(first)
+    run_id = checkpoint.verify(str(tmp_path / "checkpoints" / "step_00000004"))["extra"]["wandb_run_id"]
+    assert run_id
+    second = _job(tmp_path, steps=7)
+    second.logger.wandb.mode = "offline"
+    resumed = train(second)
+    assert resumed["start_step"] == 5 and len(resumed["losses"]) == 7
+    runs = sorted(os.listdir(tmp_path / "wandb"))
+    assert len([r for r in runs if r.startswith("offline-run-") and r.endswith(run_id)]) == 2, runs

@@ -41,7 +41,7 @@ def _full_experts():
     return ex
 
 
-def _ep_case(rank: int, world: int, case: str, device: str):
+def _ep_case(rank: int, world: int, case: str, device: str, dropless: bool):
     import torch.distributed as dist
 
     from moe.parallel.expert_parallel import AllToAllDispatcher
@@ -60,7 +60,8 @@ def _ep_case(rank: int, world: int, case: str, device: str):
         idx = _routing(case, rank).to(dev)
         x, gate = (t.to(dev) for t in _inputs(rank, idx.shape[1], step))
         x.requires_grad_(True)
-        out = disp.run(x, idx, gate, torch.ones_like(idx, dtype=torch.bool), local)
+        keep = None if dropless else torch.ones_like(idx, dtype=torch.bool)  # None: the dropless path
+        out = disp.run(x, idx, gate, keep, local)
         out.pow(2).sum().backward()
         outs.append(out.detach().cpu())
         grads.append({n: p.grad.cpu() if p.grad is not None else None for n, p in local.named_parameters()})
@@ -93,9 +94,10 @@ def _reference(case: str, world: int):
     torch.cuda.device_count() < 2, reason="needs two GPUs"))])
 @pytest.mark.parametrize("case", ["idle_expert", "rank_sends_nothing_to_peer", "rank_receives_nothing",
                                   "all_to_one_expert"])
-def test_edge_case_matches_one_process(case, device):
+@pytest.mark.parametrize("dropless", [True, False])
+def test_edge_case_matches_one_process(case, device, dropless):
     world = 2
-    results = spawn(_ep_case, world, case, device, backend="nccl" if device == "cuda" else "gloo")
+    results = spawn(_ep_case, world, case, device, dropless, backend="nccl" if device == "cuda" else "gloo")
     tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
     ref_outs, ref_grads = _reference(case, world)
     El = E // world

@@ -97,6 +97,21 @@ def test_simulated_two_nodes_trains_with_ep_inside_each_node(two_nodes, tmp_path
     assert summary["world_size"] == 4 and len(summary["losses"]) == 3
 
 
+def test_simulated_two_nodes_keeps_tp_and_ep_groups_inside_nodes(two_nodes, tmp_path):
+    """tp=2 x ep=2 (dp=2) on 2 nodes x 2 workers: every TP and EP group is one node's two ranks."""
+    run = tmp_path / "run"
+    res = launch(run, TRAIN + ["cluster.num_workers=4", "parallel.dp=2", "parallel.tp=2", "parallel.ep=2",
+                               "logger.progress_bar=false", f"cluster.address={two_nodes}"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    topo = check_topology(run, nodes=2, per_node=2, ep=2)
+    node_ids = [r["node_id"] for r in topo["ranks"]]
+    assert [r["groups"]["tp"] for r in topo["ranks"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert all(len({node_ids[m] for m in r["groups"]["tp"]}) == 1 for r in topo["ranks"])
+    assert [r["groups"]["dp"] for r in topo["ranks"]] == [[0, 2], [1, 3], [0, 2], [1, 3]]  # dp crosses nodes
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 4 and len(summary["losses"]) == 3
+
+
 def test_more_workers_than_exist_fails_fast(two_nodes, tmp_path):
     started = time.time()
     res = launch(tmp_path / "run", TRAIN + ["cluster.num_workers=8", "parallel.dp=8", "parallel.ep=2",

@@ -9,6 +9,20 @@ from moe.config import ModelConfig
 from moe.model.layers import RMSNorm, apply_rope, rope_cos_sin
 
 
+class CausalAttention(nn.Module):
+    """softmax(q k^T / sqrt(d) + causal mask) v, with k/v heads repeated to q's (GQA).
+
+    A module of its own (it has no parameters) so tensor parallelism can hand it each rank's local heads
+    as plain tensors: SDPA has no DTensor rule on every backend."""
+
+    def forward(self, q_BHSQ: torch.Tensor, k_BKSQ: torch.Tensor, v_BKSV: torch.Tensor) -> torch.Tensor:
+        repeat = q_BHSQ.shape[1] // k_BKSQ.shape[1]
+        if repeat > 1:
+            k_BKSQ = k_BKSQ.repeat_interleave(repeat, dim=1)
+            v_BKSV = v_BKSV.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(q_BHSQ, k_BKSQ, v_BKSV, is_causal=True)
+
+
 class MLA(nn.Module):
     """Multi-head latent attention: keys/values come from one low-rank latent per token, and a
     small rotary key shared by all heads carries position (DeepSeek-V2/V3)."""
@@ -33,6 +47,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+        self.core = CausalAttention()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -53,7 +68,7 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope_BSR.unsqueeze(1), cos, sin).expand(B, H, S, self.rope_dim)
         q_BHSQ = torch.cat([q_nope, q_rope], dim=-1)
         k_BHSQ = torch.cat([k_nope, k_rope], dim=-1)
-        out = F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, v_BHSV, is_causal=True)
+        out = self.core(q_BHSQ, k_BHSQ, v_BHSV)
         return self.wo(out.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
 
@@ -71,6 +86,7 @@ class GQA(nn.Module):
         self.wk = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=False)
+        self.core = CausalAttention()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -79,11 +95,7 @@ class GQA(nn.Module):
         v = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, x_BSD.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        repeat = self.num_heads // self.num_kv_heads
-        if repeat > 1:
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 

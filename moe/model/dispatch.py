@@ -23,6 +23,8 @@ class DispatchPlan:
     """Gate weight of each assignment."""
     tokens_per_expert_E: torch.Tensor
     """Assignments per expert (int64)."""
+    assign_S: torch.Tensor | None = None
+    """Flat (token * K + slot) index of each assignment; with dropless routing a permutation of T*K."""
 
 
 def plan_local(expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor, keep_TK: torch.Tensor | None,
@@ -38,7 +40,8 @@ def plan_local(expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor, keep_TK: torc
     # scatter_add rather than bincount: bincount reads the max back to the host on CUDA.
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_expert.device)
     counts_E.scatter_add_(0, kept_expert, torch.ones_like(kept_expert))
-    return DispatchPlan(row_idx_S=assign_S // K, gate_S=gate_TK.reshape(-1)[assign_S], tokens_per_expert_E=counts_E)
+    return DispatchPlan(row_idx_S=assign_S // K, gate_S=gate_TK.reshape(-1)[assign_S], tokens_per_expert_E=counts_E,
+                        assign_S=assign_S)
 
 
 class LocalDispatcher:

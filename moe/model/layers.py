@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate
 
 
 class RMSNorm(nn.Module):
@@ -28,6 +29,9 @@ def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device) -> 
 
 def apply_rope(x_BHSR: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of x [..., S, R] (R even)."""
+    if isinstance(x_BHSR, DTensor):  # tensor parallel (heads sharded or replicated): the tables are the same everywhere
+        mesh = x_BHSR.device_mesh
+        cos_SR, sin_SR = (DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False) for t in (cos_SR, sin_SR))
     x32 = x_BHSR.float().unflatten(-1, (-1, 2))
     x1, x2 = x32[..., 0], x32[..., 1]
     out = torch.stack((x1 * cos_SR - x2 * sin_SR, x1 * sin_SR + x2 * cos_SR), dim=-1)

@@ -63,7 +63,8 @@ class MoE(nn.Module):
             routed = balanced_routing(routed, self.num_experts)
         self.aux_loss = routed.aux_loss
         self.metrics = {**routed.metrics,
-                        "dropped_fraction": routed.metrics["dropped"].float() / max(routed.keep_TK.numel(), 1)}
+                        "dropped_fraction": routed.metrics["dropped"].float()
+                        / max(routed.keep_TK.numel() * self.router.seq_shards, 1)}
         with torch.no_grad():
             self.tokens_per_expert_acc += routed.tokens_per_expert_E.to(self.tokens_per_expert_acc.device)
         # Dropless routing keeps everything: say so, and the dispatcher skips a host-syncing nonzero().
@@ -77,6 +78,6 @@ class MoE(nn.Module):
         else:
             out_TD = dispatch(x_TD)
         out_TD = out_TD.to(x_BSD.dtype)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+        if self.shared is not None:  # on [B, S, D]: tensor parallelism gathers the sequence dim for it
+            out_TD = out_TD + self.shared(x_BSD).reshape(B * S, D)
         return out_TD.view(B, S, D)

@@ -36,6 +36,7 @@ from moe.model.balancing import (
     update_expert_bias,
     z_loss,
 )
+from moe.model.sharded_balancing import sharded_keep_mask, sharded_losses
 
 __all__ = ["RouterOutput", "Router", "update_expert_bias", "validate_router_config", "expert_capacity",
            "capacity_keep_mask"]
@@ -162,7 +163,15 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True)
         self.global_group: dist.ProcessGroup | None = None
         """Group over which global_aux_loss sums assignment counts; None means local counts only."""
+        self.seq_shard_group: dist.ProcessGroup | None = None
+        """Set under sequence parallelism (the tp group): each member routes a contiguous slice of every
+        sequence, and losses and capacity count over whole sequences (moe.model.sharded_balancing)."""
         self.reset_parameters()
+
+    @property
+    def seq_shards(self) -> int:
+        """Ranks that share each sequence (1 without sequence parallelism)."""
+        return dist.get_world_size(self.seq_shard_group) if self.seq_shard_group is not None else 1
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
@@ -216,18 +225,32 @@ class Router(nn.Module):
         gate_TK = gate_TK * cfg.route_scale
 
         counts_E = expert_counts(expert_idx_TK, E)  # before drops: what the losses see
+        sharded = self.seq_shard_group is not None
+        dropped = None
         if cfg.capacity_factor > 0:
-            capacity = expert_capacity(cfg.capacity_factor, T, K, E)
+            # Capacity is per micro-batch: with sequence slices, count the whole micro-batch's tokens.
+            capacity = expert_capacity(cfg.capacity_factor, T * self.seq_shards, K, E)
             priority_TK = gate_TK.detach() if cfg.drop_policy == "probs" else None
-            keep_TK = capacity_keep_mask(expert_idx_TK, priority_TK, E, capacity)
+            if sharded:
+                keep_TK, dropped = sharded_keep_mask(expert_idx_TK, priority_TK, seq_len, E, capacity,
+                                                     self.seq_shard_group, capacity_keep_mask)
+            else:
+                keep_TK = capacity_keep_mask(expert_idx_TK, priority_TK, E, capacity)
             gate_TK = gate_TK * keep_TK  # keeps the gradient path of the kept weights
             tokens_per_expert_E = expert_counts(expert_idx_TK, E, keep_TK)
         else:
             keep_TK = torch.ones_like(expert_idx_TK, dtype=torch.bool)
             tokens_per_expert_E = counts_E
 
-        aux_loss, metrics = self._losses(logits_TE, scores_TE, expert_idx_TK, counts_E, seq_len)
-        metrics["dropped"] = (~keep_TK).sum().detach()
+        if sharded:
+            coeffs = {"load_balancing_loss": cfg.aux_loss_coeff, "seq_load_balancing_loss": cfg.seq_aux_loss_coeff,
+                      "global_load_balancing_loss": cfg.global_aux_loss_coeff, "z_loss": cfg.z_loss_coeff}
+            aux_loss, metrics = sharded_losses(logits_TE, scores_TE, expert_idx_TK, seq_len, cfg.score_func,
+                                               self.seq_shard_group, self.global_group, coeffs)
+        else:
+            aux_loss, metrics = self._losses(logits_TE, scores_TE, expert_idx_TK, counts_E, seq_len)
+        # Sequence parallel: the whole micro-batch's drops (every slice reports the same number).
+        metrics["dropped"] = (dropped if dropped is not None else (~keep_TK).sum()).detach()
         return RouterOutput(expert_idx_TK, gate_TK, keep_TK, tokens_per_expert_E, aux_loss, metrics)
 
     def _losses(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, expert_idx_TK: torch.Tensor,

@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe.model.dispatch import GroupedExperts, plan_local
+from moe.parallel.permute import combine_assignments, gather_assignments, inverse_permutation, permute_rows
+from moe.parallel.inflight import autograd_collective, collective
 from moe.train.timing import RegionTimer, run_timed
 
 
@@ -81,7 +83,8 @@ class AllToAllDispatcher:
         mine_E = tokens_per_expert_E.to(dev, torch.int64)
         E = mine_E.numel()
         gathered = torch.empty(self.ep * E, dtype=torch.int64, device=dev)
-        dist.all_gather_into_tensor(gathered, mine_E, group=self.group)
+        with collective("ep", "all_gather", f"dispatch counts, layer {self.layer_id}"):
+            dist.all_gather_into_tensor(gathered, mine_E, group=self.group)
         both = torch.cat([gathered, mine_E]).cpu()
         all_counts_RE, counts_E = both[:-E].view(self.ep, E), both[-E:]
         if not torch.equal(all_counts_RE[self.ep_rank], counts_E):
@@ -108,9 +111,16 @@ class AllToAllDispatcher:
 
         # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
         wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
-        x_send_SD = x_TD.index_select(0, plan.row_idx_S).to(wire_dtype)
+        dropless = keep_TK is None
+        if dropless:  # every (token, slot) is sent: gathers both ways, no scatter-add (moe.parallel.permute)
+            K = expert_idx_TK.shape[1]
+            inv_S = inverse_permutation(plan.assign_S)
+            x_send_SD = gather_assignments(x_TD.to(wire_dtype), plan.assign_S, inv_S, K)
+        else:
+            x_send_SD = x_TD.index_select(0, plan.row_idx_S).to(wire_dtype)
         x_recv = run_timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_send_SD,
-                           lambda t: all_to_all_single_autograd(t, recv_splits, send_splits, self.group))
+                           lambda t: autograd_collective("ep", "all_to_all", f"dispatch, layer {self.layer_id}", t,
+                               lambda u: all_to_all_single_autograd(u, recv_splits, send_splits, self.group)))
 
         # Arrived rows are ordered (source, local expert); the experts want (local expert, source).
         dev = x_TD.device
@@ -118,17 +128,20 @@ class AllToAllDispatcher:
                                              recv_counts_RL.flatten().to(dev), output_size=sum(recv_splits))
         src, le = seg_of_row // El, seg_of_row % El
         perm = torch.sort(le * self.ep + src, stable=True).indices
-        inv_perm = torch.argsort(perm)
+        inv_perm = inverse_permutation(perm)
         tokens_per_local_expert = recv_counts_RL.sum(0)
-        y_grouped = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_recv.index_select(0, perm),
+        y_grouped = run_timed(self.timer, f"experts/layer_{self.layer_id}", permute_rows(x_recv, perm, inv_perm),
                               lambda t: experts(t, tokens_per_local_expert.to(dev)))
         y_back = run_timed(self.timer, f"a2a_combine/layer_{self.layer_id}",
-                           y_grouped.index_select(0, inv_perm).contiguous(),
-                           lambda t: all_to_all_single_autograd(t, send_splits, recv_splits, self.group))
+                           permute_rows(y_grouped, inv_perm, perm),
+                           lambda t: autograd_collective("ep", "all_to_all", f"combine, layer {self.layer_id}", t,
+                               lambda u: all_to_all_single_autograd(u, send_splits, recv_splits, self.group)))
 
         rec = self.traffic
         bpr = x_TD.shape[-1] * x_send_SD.element_size()
         self.traffic = TrafficRecord(matrix_RR if rec is None else rec.matrix_RR + matrix_RR, bpr)
+        if dropless:
+            return combine_assignments(y_back, plan.assign_S, inv_S, gate_TK).to(x_TD.dtype)
         y_SD = y_back.to(x_TD.dtype) * plan.gate_S.to(x_TD.dtype).unsqueeze(-1)
         return x_TD.new_zeros(x_TD.shape).index_add(0, plan.row_idx_S, y_SD)
 

@@ -24,7 +24,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from moe.parallel.grads import is_expert_param
+from moe.parallel.inflight import collective
 from moe.parallel.mesh import ParallelContext
+from moe.train import faults
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -55,7 +57,10 @@ def _state_views(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: 
     for name, p in model.named_parameters():
         state.update(_split(name, p.data, ids))
         if ensure_optim and p not in optimizer.state:
-            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+            # As torch's AdamW creates it: a fused or capturable step keeps `step` on the parameter's
+            # device (a CPU step there fails the first update after a resume), otherwise on the CPU.
+            on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
                                   "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         st = optimizer.state.get(p)
         if st:
@@ -107,26 +112,33 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _barrier(ctx: ParallelContext) -> None:
+def _barrier(ctx: ParallelContext, what: str) -> None:
     if ctx.distributed:
-        dist.barrier()
+        with collective("world", "barrier", what):
+            dist.barrier()
 
 
 def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext,
-         extra: dict[str, Any], keep: int) -> str:
-    """Write the checkpoint of the state after `step` (all ranks call this together)."""
+         extra: dict[str, Any], keep: int, history: dict[str, list[float]] | None = None) -> str:
+    """Write the checkpoint of the state after `step` (all ranks call this together). `extra` goes into
+    the manifest (small: step, data position, wandb run id); `history` (per-step series from step 0,
+    identical on every rank) into `history.json`, written by rank 0 and covered by the manifest."""
     tmp = os.path.join(root, f".tmp-step_{step:08d}")
     final = os.path.join(root, f"step_{step:08d}")
     if ctx.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a save that died part-way
         os.makedirs(tmp)
-    _barrier(ctx)
+    _barrier(ctx, f"checkpoint step {step}: folder created")
     dcp.save(_state_views(model, optimizer, ctx, ensure_optim=False), checkpoint_id=tmp)
     # Each rank's RNG (no dropout today, but sampling code may use it): its own small file.
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng_rank{ctx.rank}.pt"))
-    _barrier(ctx)
+    if ctx.rank == 0 and history is not None:
+        with open(os.path.join(tmp, "history.json"), "w") as f:
+            json.dump(history, f)
+    faults.point("during_checkpoint")  # test-only: die with the data written but no manifest yet
+    _barrier(ctx, f"checkpoint step {step}: shards written")
     if ctx.rank == 0:
         manifest = {"step": step, "world_size": ctx.world_size, "extra": extra,
                     "files": {rel: _sha256(os.path.join(tmp, rel)) for rel in _files(tmp)}}
@@ -136,7 +148,7 @@ def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
         os.replace(tmp, final)  # the only moment it becomes visible: atomic
         for _, old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(ctx)
+    _barrier(ctx, f"checkpoint step {step}: published")
     return final
 
 
@@ -159,23 +171,32 @@ def choose(root: str, resume: str, ctx: ParallelContext) -> str | None:
         except CheckpointError as e:
             choice[0] = e
     if ctx.distributed:
-        dist.broadcast_object_list(choice, src=0)
+        with collective("world", "broadcast", "which checkpoint to resume from"):
+            dist.broadcast_object_list(choice, src=0)
     if isinstance(choice[0], CheckpointError):
         raise choice[0]
     return choice[0]
 
 
-def load(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext) -> dict[str, Any]:
-    """Load `folder` into the live model and optimizer in place; returns the manifest's `extra`."""
+def load(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext,
+         restore_rng: bool = True) -> dict[str, Any]:
+    """Load `folder` into the live model and optimizer in place, and this rank's RNG state (CPU and
+    CUDA) when saved at the same world size; returns the manifest's `extra`."""
     manifest = json.load(open(os.path.join(folder, "manifest.json")))
     dcp.load(_state_views(model, optimizer, ctx, ensure_optim=True), checkpoint_id=folder)
     step = float(manifest["step"] + 1)  # optimizer steps taken so far (steps are 0-based)
-    for st in optimizer.state.values():
-        st["step"] = torch.tensor(step, dtype=torch.float32)
+    for st in optimizer.state.values():  # on the device the optimizer keeps it (fused AdamW: the GPU)
+        st["step"] = torch.tensor(step, dtype=torch.float32, device=st["step"].device)
     rng = os.path.join(folder, f"rng_rank{ctx.rank}.pt")
-    if manifest.get("world_size") == ctx.world_size and os.path.isfile(rng):
+    if restore_rng and manifest.get("world_size") == ctx.world_size and os.path.isfile(rng):
         state = torch.load(rng, weights_only=True)
         torch.set_rng_state(state["cpu"])
         if state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
     return manifest["extra"]
+
+
+def load_history(folder: str) -> dict[str, list[float]]:
+    """Per-step series saved with the checkpoint (empty when it has none: written before they were)."""
+    path = os.path.join(folder, "history.json")
+    return json.load(open(path)) if os.path.isfile(path) else {}

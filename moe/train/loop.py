@@ -21,10 +21,11 @@ from moe.model.router import update_expert_bias
 from moe.model.transformer import Transformer, build_model, count_params
 from moe.parallel.expert_parallel import apply_expert_parallel, tie_router_groups_to_topology
 from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradients
+from moe.parallel.inflight import collective
 from moe.parallel.mesh import ParallelContext
 from moe.train.load_metrics import model_load_metrics, to_cpu
 from moe.train.observability import Observability
-from moe.train import checkpoint
+from moe.train import checkpoint, faults, resume
 from moe.train.optim import build_optimizer, lr_at, set_lr
 from moe.train.traffic import routing_spread_metrics, traffic_metrics
 from moe.train.sinks import JsonlSink, MetricsSink, MultiSink, WandbSink
@@ -56,7 +57,8 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
 
 def first_nonfinite_grad(model: torch.nn.Module) -> str | None:
     for name, p in model.named_parameters():
-        if p.grad is not None and not torch.isfinite(p.grad).all():
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # tp: this rank's shard, no collective
+        if g is not None and not torch.isfinite(g).all():
             return name
     return None
 
@@ -67,18 +69,20 @@ def all_reduce_(t: torch.Tensor, ctx: ParallelContext, group: str, op=None) -> t
 
     g = ctx.group(group)
     if g is not None and len(ctx.group_ranks(group)) > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=g)
+        with collective(group, "all_reduce", "step metrics"):
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=g)
     return t
 
 
-def build_sinks(job: JobConfig, model_name: str) -> MetricsSink:
+def build_sinks(job: JobConfig, model_name: str, wandb_run_id: str | None = None) -> MetricsSink:
     sinks: list[MetricsSink] = [JsonlSink(job.run_dir)]
     w = job.logger.wandb
     if w.mode != "disabled":
         # Runs of one model and layout share a group; the name adds the run dir (Hydra's timestamp).
         group = w.group or f"{model_name}-dp{job.parallel.dp}-ep{job.parallel.ep}"
         name = w.name or f"{group}-{os.path.basename(os.path.normpath(os.path.abspath(job.run_dir)))}"
-        sinks.append(WandbSink(job.run_dir, w.mode, w.project, name, group, w.entity, dataclasses.asdict(job)))
+        sinks.append(WandbSink(job.run_dir, w.mode, w.project, name, group, w.entity, dataclasses.asdict(job),
+                               wandb_run_id))
     return MultiSink(sinks)
 
 
@@ -110,6 +114,10 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
     torch.manual_seed(t.seed)
     model = build_model(job.model, t.seed, device)
     total_params, active_params = count_params(model, job.model)
+    if ctx.pp > 1:  # keep this stage's layers (same parameter names); see moe/train/pipeline_step.py
+        from moe.train.pipeline_step import PipelineRunner, stage_model_for
+
+        model = stage_model_for(model, job, ctx)
     backend = resolve_backend(job.model.moe.backend, device)
     for moe in model.moe_layers().values():
         moe.experts.backend = backend
@@ -117,23 +125,25 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         moe.router.global_group = ctx.group("routing") if ctx.dp * ctx.tp > 1 else None
     if ctx.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"))
+    if ctx.tp > 1:  # dense part sharded over tp, sequence-parallel residual stream (moe/parallel/tensor_parallel.py)
+        from moe.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, ctx.mesh["tp"])
     tie_router_groups_to_topology(model, job.model.moe.router.group_by, ctx.ep,
                                   [ctx.node_of_rank[r] for r in ctx.group_ranks("ep")])
     batch_rank, batch_ranks = ctx.dp_rank, ctx.dp
     dataset = build_dataset(job.data, t.seq_len, t.seed, job.model.vocab_size)
     optimizer = build_optimizer(model, t)
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
-    start_step = 0
-    resume_from = checkpoint.choose(ckpt_root, t.resume, ctx) if t.resume != "none" else None
-    if resume_from is not None:
-        start_step = checkpoint.load(resume_from, model, optimizer, ctx)["step"] + 1
-        if ctx.rank == 0:
-            print(f"[checkpoint] resumed from {resume_from}: continuing at step {start_step}", flush=True)
+    resumed = resume.restore(job, model, optimizer, ctx, ckpt_root)  # weights, moments, RNG, data position
+    start_step = resumed.start_step
     is_logger = ctx.rank == 0
-    sink = build_sinks(job, job.model.name) if is_logger else None
+    sink = build_sinks(job, job.model.name, resumed.wandb_run_id) if is_logger else None
 
     accum = t.global_batch_size // (t.micro_batch_size * batch_ranks)
     local_batch = t.micro_batch_size * accum
+    pipe = (PipelineRunner(model, job, ctx, device, accum, lambda: autocast_for(t.dtype, device), lm_loss)
+            if ctx.pp > 1 else None)
     tokens_per_step = t.global_batch_size * t.seq_len
     obs = Observability(job, model, ctx, device, sink, tokens_per_step)
     rate = job.model.moe.router.bias_update_rate if job.model.moe.router.use_expert_bias else 0.0
@@ -142,6 +152,8 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
     started = time.perf_counter()
 
     for step in range(start_step, t.steps):
+        faults.point("step_start", step)  # test-only hook; returns at once unless MOE_TEST_FAULT is set
+        data_step = resumed.data_step + step - start_step
         step_start = time.perf_counter()
         obs.start_step()
         lr = lr_at(step, t)
@@ -149,9 +161,11 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         ce_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
         router_sums: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
+        if pipe is not None:  # the 1F1B schedule runs the same micro-batches through the stages
+            ce_sum, aux_sum, router_sums = pipe.step(dataset, data_step, batch_rank, local_batch)
+        for micro in (range(accum) if pipe is None else ()):
             start = batch_rank * local_batch + micro * t.micro_batch_size
-            inputs, targets = dataset.batch(step, range(start, start + t.micro_batch_size))
+            inputs, targets = dataset.batch(data_step, range(start, start + t.micro_batch_size))
             with autocast_for(t.dtype, device):
                 ce = lm_loss(model(inputs.to(device)), targets.to(device))
                 aux = model.aux_loss().to(device)
@@ -169,7 +183,8 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         # One all-reduce for every logged per-rank mean: the LM loss, the balancing loss, router losses.
         keys = sorted(router_sums)
         packed = torch.stack([ce_sum, aux_sum, *(router_sums[k].to(device) for k in keys)])
-        packed = all_reduce_(packed, ctx, "dp") / (accum * ctx.dp)
+        # Over pp too: the loss lives on the last stage, each layer's router sums on its own stage.
+        packed = all_reduce_(all_reduce_(packed, ctx, "dp"), ctx, "pp") / (accum * ctx.dp)
         loss = packed[0].item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             where = first_nonfinite_grad(model)
@@ -178,6 +193,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
                 + (f", first non-finite gradient in {where}" if where else "")
                 + "; the optimizer update was skipped and the weights are those of the last good step"
             )
+        faults.point("before_optimizer")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -185,10 +201,12 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
             all_reduce_(moe.tokens_per_expert_acc, ctx, "routing")  # global load: identical biases everywhere
         # Global tokens per expert on the host, kept for the pictures and alerts after the reset below.
         loads = to_cpu({i: m.tokens_per_expert_acc for i, m in model.moe_layers().items()})
-        metrics: dict[str, Any] = model_load_metrics(
-            loads, {i: m.router.expert_bias for i, m in model.moe_layers().items()}, ctx.ep)
+        biases = {i: m.router.expert_bias for i, m in model.moe_layers().items()}
+        if pipe is not None:  # every stage's layers, for the logging rank
+            loads, biases = pipe.gather_loads(loads, biases)
+        metrics: dict[str, Any] = model_load_metrics(loads, biases, ctx.ep)
         if ctx.ep > 1:
-            metrics.update(traffic_metrics(model, ctx, tokens_per_rank=local_batch * t.seq_len,
+            metrics.update(traffic_metrics(model, ctx, tokens_per_rank=local_batch * t.seq_len // ctx.tp,
                                            top_k=job.model.moe.top_k, hidden=job.model.hidden_size))
             metrics.update(routing_spread_metrics(model))
         for moe in model.moe_layers().values():
@@ -205,8 +223,11 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         metrics.update(zip(keys, packed[2:].tolist()))
         should_log = step % t.log_every == 0 or step + 1 == t.steps
         metrics.update(obs.step_metrics(metrics, step_time, should_log))
+        if pipe is not None:  # traffic, timing and spread of the other stages' layers
+            metrics.update(pipe.gather_stage_metrics(metrics))
         if t.eval_every > 0 and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
-            eval_loss = evaluate(model, dataset, job, 0, device, ctx)  # same held-out windows every time
+            eval_loss = (evaluate(model, dataset, job, 0, device, ctx) if pipe is None  # same held-out windows
+                         else pipe.evaluate(dataset, job, 0))
             metrics["eval_loss"] = eval_loss
         if device.type == "cuda":
             metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -216,19 +237,23 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         if report is not None and is_logger:
             report({"step": step, "loss": loss, "tokens_per_s": metrics["tokens_per_s"], "steps": t.steps})
         if t.checkpoint_every > 0 and ((step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps):
-            checkpoint.save(ckpt_root, step, model, optimizer, ctx, {"step": step}, t.keep_checkpoints)
+            extra = resume.checkpoint_extra(step, data_step + 1, job, getattr(sink, "wandb_run_id", None))
+            checkpoint.save(ckpt_root, step, model, optimizer, ctx, extra, t.keep_checkpoints,
+                            resume.history_to_save(resumed, history))
 
     wall = time.perf_counter() - started
+    # losses / grad_norms / aux_losses cover every step from `losses_from_step` (0 unless a checkpoint
+    # lacked its history): the steps before `start_step` come from the checkpoint this attempt resumed.
+    series = resume.stitched(resumed, history)
     summary = {
-        "model": job.model.name, "steps": t.steps, "start_step": start_step, "first_loss": history[0]["loss"] if history else None,
-        "last_loss": history[-1]["loss"] if history else None, "eval_loss": eval_loss,
+        "model": job.model.name, "steps": t.steps, "start_step": start_step, "resumed_from": resumed.folder,
+        "first_loss": series["losses"][0] if series["losses"] else None,
+        "last_loss": series["losses"][-1] if series["losses"] else None, "eval_loss": eval_loss,
         "params_total": total_params, "params_active": active_params, "wall_time_s": wall,
-        "tokens_per_s": tokens_per_step * t.steps / wall if wall > 0 else None,
+        "tokens_per_s": tokens_per_step * len(history) / wall if wall > 0 else None,  # this attempt's steps
         # Steady state: the median step after the first three (allocator and autotuning warm-up).
-        "median_tokens_per_s": statistics.median(h["tokens_per_s"] for h in history[3:] or history),
-        "losses": [h["loss"] for h in history], "grad_norms": [h["grad_norm"] for h in history],
-        "aux_losses": [h["aux_loss"] for h in history], "world_size": ctx.world_size,
-        "device": str(device), "expert_backend": backend,
+        "median_tokens_per_s": statistics.median(h["tokens_per_s"] for h in history[3:] or history) if history else None,
+        **series, "world_size": ctx.world_size, "device": str(device), "expert_backend": backend,
     }
     if sink is not None:
         sink.close()

@@ -66,6 +66,9 @@ class Observability:
         self.job, self.model, self.ctx, self.device, self.sink = job, model, ctx, device, sink
         self.tokens_per_step = tokens_per_step
         self.layers = sorted(model.moe_layers())
+        # Every MoE layer of the model: with pipeline parallelism this rank holds only its stage's layers
+        # (self.layers, what it times) but logs all of them (the loop reduces their metrics over pp).
+        self.model_layers = list(range(job.model.num_dense_layers, job.model.num_layers))
         self.timer = RegionTimer(device) if job.logger.timing else None
         for i, moe in model.moe_layers().items():
             moe.layer_id = i
@@ -89,7 +92,7 @@ class Observability:
         same steps: with `log` and ep > 1 it all-reduces the per-rank combine times over the EP group."""
         out: dict[str, Any] = {}
         for k in ROUTER_SUMMARY:
-            values = [metrics[f"moe/{k}/layer_{i}"] for i in self.layers if f"moe/{k}/layer_{i}" in metrics]
+            values = [metrics[f"moe/{k}/layer_{i}"] for i in self.model_layers if f"moe/{k}/layer_{i}" in metrics]
             if values:
                 out[f"moe/{k}"] = sum(values) / len(values)
         out["perf/mfu"] = mfu(self.flops_per_token, self.tokens_per_step, step_time_s, self.ctx.world_size,
@@ -163,5 +166,5 @@ class Observability:
             path = plots.traffic_heatmap(matrix_RR, os.path.join(root, f"traffic_matrix_step{step:06d}.png"), step)
             if path:
                 media["traffic/matrix_heatmap"] = Image(path)
-        media["moe/expert_load_hist"] = Histogram(torch.cat([loads[i].flatten() for i in self.layers]).tolist())
+        media["moe/expert_load_hist"] = Histogram(torch.cat([loads[i].flatten() for i in sorted(loads)]).tolist())
         return media

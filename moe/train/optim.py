@@ -16,11 +16,20 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
             continue
         (no_decay if p.ndim < 2 or "embeddings" in name else decay).append(p)
     groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": wd}
+        for kind, wd in ((decay, cfg.weight_decay), (no_decay, 0.0))
+        # Tensor parallel: DTensor and plain parameters in separate groups, because a fused or foreach
+        # step over a list mixing them is refused by DTensor.
+        for params in _split_dtensors(kind) if params
     ]
     fused = all(p.is_cuda for p in decay + no_decay) and len(decay + no_decay) > 0
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
+
+
+def _split_dtensors(params: list[torch.nn.Parameter]) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in params if not isinstance(p, DTensor)], [p for p in params if isinstance(p, DTensor)]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -112,13 +112,15 @@ class WandbSink:
     """wandb run in the run dir; offline by default so nothing leaves the machine without `wandb sync`."""
 
     def __init__(self, run_dir: str, mode: str, project: str, name: str, group: str | None,
-                 entity: str | None, config: dict[str, Any]) -> None:
+                 entity: str | None, config: dict[str, Any], run_id: str | None = None) -> None:
         import wandb
 
         self._wandb = wandb
+        # A resumed training run (run_id from its checkpoint) keeps logging into the same wandb run.
         self.run = wandb.init(
             dir=run_dir, mode=mode, project=project, name=name, group=group, entity=entity,
             config=redact(config), settings=wandb.Settings(silent=True, console="off"),
+            id=run_id, resume="allow" if run_id else None,
         )
         # Every series, pictures and histograms included, is plotted against the training step.
         self.run.define_metric("step")
@@ -146,6 +148,11 @@ class WandbSink:
 class MultiSink:
     def __init__(self, sinks: list[MetricsSink]) -> None:
         self.sinks = sinks
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        """The wandb run's id (saved in checkpoints so a resumed run continues it); None without wandb."""
+        return next((s.run.id for s in self.sinks if isinstance(s, WandbSink)), None)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for s in self.sinks:
