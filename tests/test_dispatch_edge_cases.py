@@ -12,17 +12,17 @@ from tests.dist_utils import spawn
 E, D, F, T = 4, 5, 3, 6
 
 
-def _routing(case: str, rank: int) -> torch.Tensor:
-    """Expert ids [T, K] for `case` on `rank`."""
-    t = torch.arange(T)
-    if case == "idle_expert":  # expert 3 gets nothing from anyone
-        return torch.stack([t % 3, (t + 1) % 3], -1)
+def _routing(case: str, rank: int, T_: int = T, E_: int = E, K: int = 2) -> torch.Tensor:
+    """Expert ids [T, K] for `case` on `rank` of two, with E_ experts (the first half on rank 0)."""
+    t, half = torch.arange(T_), E_ // 2
+    if case == "idle_expert":  # the last expert gets nothing from anyone
+        return torch.stack([(t + j) % (E_ - 1) for j in range(K)], -1)
     if case == "rank_sends_nothing_to_peer":  # rank 1 keeps all its tokens home
-        return torch.stack([t % 4, (t + 1) % 4], -1) if rank == 0 else torch.stack([2 + t % 2, 2 + (t + 1) % 2], -1)
+        return torch.stack([(t + j) % E_ if rank == 0 else half + (t + j) % half for j in range(K)], -1)
     if case == "rank_receives_nothing":  # everything goes to rank 0's experts
-        return torch.stack([t % 2, (t + 1) % 2], -1)
+        return torch.stack([(t + j) % half for j in range(K)], -1)
     if case == "all_to_one_expert":
-        return torch.zeros(T, 1, dtype=torch.long)
+        return torch.zeros(T_, K, dtype=torch.long)
     raise KeyError(case)
 
 
@@ -121,20 +121,6 @@ def test_edge_case_matches_one_process(case, device, dropless):
 TINY_E, TINY_K = 8, 2  # deepseek_tiny's experts and top-k
 
 
-def _tiny_routing(case: str, rank: int, T_: int) -> torch.Tensor:
-    """Expert ids [T, K] of deepseek_tiny's K=2 for `case` on `rank` (experts 0-3 on rank 0, 4-7 on rank 1)."""
-    t = torch.arange(T_)
-    if case == "idle_expert":  # expert 7 gets nothing from anyone
-        return torch.stack([t % 7, (t + 1) % 7], -1)
-    if case == "rank_sends_nothing_to_peer":  # rank 1 keeps all its tokens home
-        return torch.stack([t % 8, (t + 1) % 8], -1) if rank == 0 else torch.stack([4 + t % 4, 4 + (t + 1) % 4], -1)
-    if case == "rank_receives_nothing":  # everything goes to rank 0's experts
-        return torch.stack([t % 4, (t + 1) % 4], -1)
-    if case == "all_to_one_expert":
-        return torch.zeros(T_, TINY_K, dtype=torch.long)
-    raise KeyError(case)
-
-
 def _force_case_and_record_grads(case: str, out_dir: str) -> None:
     """In each spawned rank: force the routing of every MoE layer, and after each step's gradient
     reduction record, per local expert, whether its gradients are exactly zero and finite."""
@@ -151,7 +137,7 @@ def _force_case_and_record_grads(case: str, out_dir: str) -> None:
 
     def forced(self, x_TD, seq_len):
         out = original_forward(self, x_TD, seq_len)
-        idx = _tiny_routing(case, dist.get_rank(), x_TD.shape[0]).to(x_TD.device)
+        idx = _routing(case, dist.get_rank(), x_TD.shape[0], TINY_E, TINY_K).to(x_TD.device)
         return dataclasses.replace(out, expert_idx_TK=idx, keep_TK=torch.ones_like(idx, dtype=torch.bool),
                                    tokens_per_expert_E=torch.zeros(TINY_E, dtype=torch.long, device=idx.device)
                                    .scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten())))
@@ -194,7 +180,7 @@ def test_edge_case_trains_two_steps(tmp_path, case, device):
     summaries = run_distributed(job, world=2, patch=functools.partial(_force_case_and_record_grads, case, str(tmp_path)))
     assert all(math.isfinite(x) for s in summaries for x in s["losses"] + s["grad_norms"])
     T_ = 2 * 16  # tokens per micro-batch on one rank
-    used = {int(e) for r in range(2) for e in _tiny_routing(case, r, T_).flatten()}
+    used = {int(e) for r in range(2) for e in _routing(case, r, T_, TINY_E, TINY_K).flatten()}
     for rank in range(2):
         steps = [json.loads(line) for line in open(tmp_path / f"grads_rank{rank}.jsonl")]
         assert len(steps) == 2
