@@ -86,6 +86,30 @@ def build_sinks(job: JobConfig, model_name: str, wandb_run_id: str | None = None
     return MultiSink(sinks)
 
 
+def forward_backward(model: Transformer, dataset, job: JobConfig, device: torch.device, data_step: int,
+                     first_row: int, accum: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's micro-batches on this rank (rows `first_row` onwards of the global batch), gradients
+    accumulated as the mean over them. Returns the summed LM loss, balancing loss and router metrics."""
+    t = job.train
+    ce_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    router_sums: dict[str, torch.Tensor] = {}
+    for micro in range(accum):
+        start = first_row + micro * t.micro_batch_size
+        inputs, targets = dataset.batch(data_step, range(start, start + t.micro_batch_size))
+        with autocast_for(t.dtype, device):
+            ce = lm_loss(model(inputs.to(device)), targets.to(device))
+            aux = model.aux_loss().to(device)
+        ((ce + aux) / accum).backward()
+        ce_sum += ce.detach()
+        aux_sum += aux.detach()
+        for i, moe in model.moe_layers().items():
+            for k, v in moe.metrics.items():
+                key = f"moe/{k}/layer_{i}"
+                router_sums[key] = router_sums.get(key, 0) + v.detach().float()
+    return ce_sum, aux_sum, router_sums
+
+
 @torch.no_grad()
 def evaluate(model: Transformer, dataset, job: JobConfig, step: int, device, ctx: ParallelContext) -> float:
     """Mean loss over `eval_batches` held-out micro-batches per data-parallel rank."""
@@ -158,24 +182,11 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         obs.start_step()
         lr = lr_at(step, t)
         set_lr(optimizer, lr)
-        ce_sum = torch.zeros((), device=device)
-        aux_sum = torch.zeros((), device=device)
-        router_sums: dict[str, torch.Tensor] = {}
         if pipe is not None:  # the 1F1B schedule runs the same micro-batches through the stages
             ce_sum, aux_sum, router_sums = pipe.step(dataset, data_step, batch_rank, local_batch)
-        for micro in (range(accum) if pipe is None else ()):
-            start = batch_rank * local_batch + micro * t.micro_batch_size
-            inputs, targets = dataset.batch(data_step, range(start, start + t.micro_batch_size))
-            with autocast_for(t.dtype, device):
-                ce = lm_loss(model(inputs.to(device)), targets.to(device))
-                aux = model.aux_loss().to(device)
-            ((ce + aux) / accum).backward()
-            ce_sum += ce.detach()
-            aux_sum += aux.detach()
-            for i, moe in model.moe_layers().items():
-                for k, v in moe.metrics.items():
-                    key = f"moe/{k}/layer_{i}"
-                    router_sums[key] = router_sums.get(key, 0) + v.detach().float()
+        else:
+            ce_sum, aux_sum, router_sums = forward_backward(model, dataset, job, device, data_step,
+                                                            batch_rank * local_batch, accum)
 
         reduce_gradients(model, ctx)
         grad_norm = global_grad_norm(model, ctx)
