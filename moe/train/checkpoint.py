@@ -54,13 +54,13 @@ def _state_views(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: 
     """Views into the live tensors under layout-independent keys (DCP loads in place through them)."""
     ids = _local_expert_ids(model, ctx)
     state: dict[str, torch.Tensor] = {}
+    # As torch's AdamW creates it: a fused or capturable step keeps `step` on the parameter's device
+    # (a CPU step there fails the first update after a resume), otherwise on the CPU.
+    step_on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for name, p in model.named_parameters():
         state.update(_split(name, p.data, ids))
         if ensure_optim and p not in optimizer.state:
-            # As torch's AdamW creates it: a fused or capturable step keeps `step` on the parameter's
-            # device (a CPU step there fails the first update after a resume), otherwise on the CPU.
-            on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
-            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device if step_on_device else "cpu"),
                                   "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         st = optimizer.state.get(p)
         if st:
