@@ -79,6 +79,7 @@ def test_plus_key_nested_is_refused():
         (["train.resume=/no/such/ckpt"], r"train\.resume='/no/such/ckpt': must be `auto`, `none` or an existing"),
         (["train.checkpoint_every=-1"], r"train\.checkpoint_every=-1: must be >= 0"),
         (["logger.alerts.saturation_factor=0.5"], r"logger\.alerts\.saturation_factor=0\.5: must be > 1"),
+        (["logger.alerts.cooldown_steps=-1"], r"logger\.alerts\.cooldown_steps=-1: must be >= 0"),
         (["logger.plot_every=-2"], r"logger\.plot_every=-2: must be >= 0"),
     ],
 )
