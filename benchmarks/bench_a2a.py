@@ -3,9 +3,12 @@
 One process per GPU (NCCL), run in one go:
     NCCL_NVLS_ENABLE=0 python benchmarks/bench_a2a.py --gpus 2
 For each size, tokens are routed uniformly at random (top-k over E experts, hidden 7168, bf16). The
-project's path (count exchange and check, permutation, uneven all-to-all, regroup by local expert,
-return all-to-all, weighted combine) runs with identity experts so only data movement is timed.
-The baseline is two bare `all_to_all_single` calls with the same split sizes (dispatch + combine).
+project's path (count exchange and check, gather into the send buffer, uneven all-to-all, regroup by
+local expert, return all-to-all, weighted combine) runs with identity experts so only data movement is
+timed, in three variants: the default dropless path (experts that take the regroup as an index, as the
+Triton kernel does; single-pass Triton combine), the same with copies and the torch combine, and the
+capacity path (keep mask). The baseline is two bare `all_to_all_single` calls with the same split
+sizes (dispatch + combine); with --backward also four (forward and backward).
 Bandwidth counts the bytes that cross ranks, per rank.
 """
 from __future__ import annotations
@@ -21,7 +24,15 @@ import torch.multiprocessing as mp
 
 
 class IdentityExperts(torch.nn.Module):
+    """Experts that return their input: only data movement is timed. `gathers_rows` says whether they
+    take the regroup permutation as an index (as the Triton kernel does, reading rows in place and
+    writing results in arrival order) or want the rows copied into expert order first."""
+
     num_experts = 0
+
+    def __init__(self, gathers_rows: bool) -> None:
+        super().__init__()
+        self.gathers_rows = gathers_rows
 
     def forward(self, x, tokens_per_expert_E, *unused):
         return x
@@ -49,13 +60,19 @@ def worker(rank: int, world: int, port: int, args) -> None:
     dist.init_process_group("nccl", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     from moe.parallel.expert_parallel import AllToAllDispatcher
 
+    import moe.parallel.permute as permute
+
     E, K, D = args.experts, args.top_k, args.hidden
     row_bytes = D * 2
     disp = AllToAllDispatcher(dist.group.WORLD, world, rank, E, layer_id=0)
-    experts = IdentityExperts()
+    # (column, keep mask or dropless, experts take the regroup as an index, Triton row kernels)
+    variants = [("ours (dropless, default)", False, True, "auto"),
+                ("dropless, copies, torch combine", False, False, "off"),
+                ("capacity path", True, False, "auto")]
     if rank == 0:
-        print(f"| MiB sent per rank (cross-rank) | tokens | bare a2a GB/s | ours GB/s | ratio |")
-        print("|---|---|---|---|---|")
+        cols = " | ".join(f"{name} GB/s | ratio" for name, *_ in variants)
+        print(f"| MiB sent per rank (cross-rank) | tokens | pass | bare a2a GB/s | {cols} |")
+        print("|---|---|---|---|" + "---|---|" * len(variants))
     for mib in args.sizes:
         # cross-rank bytes per rank = T*K*(1-1/world)*row_bytes (uniform) -> choose T
         T = int(mib * 2**20 / (K * (1 - 1 / world) * row_bytes))
@@ -63,10 +80,20 @@ def worker(rank: int, world: int, port: int, args) -> None:
         x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
         idx = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
         gate = torch.rand(T, K, device="cuda")
-        keep = torch.ones_like(idx, dtype=torch.bool)
 
-        def ours():
-            disp.run(x, idx, gate, keep, experts)
+        def make(capacity: bool, gathers_rows: bool, kernels: str, backward: bool):
+            experts = IdentityExperts(gathers_rows)
+            keep = torch.ones_like(idx, dtype=torch.bool) if capacity else None
+            xg = x.detach().requires_grad_(backward)
+            gg = gate.detach().requires_grad_(backward)
+
+            def run():
+                permute.ROW_KERNELS = kernels
+                out = disp.run(xg, idx, gg, keep, experts)
+                if backward:
+                    out.backward(torch.ones_like(out))
+                    xg.grad = gg.grad = None
+            return run
 
         # Same splits for the baseline: count rows per destination rank once, outside the timing.
         dest = (idx // (E // world)).flatten()
@@ -78,15 +105,37 @@ def worker(rank: int, world: int, port: int, args) -> None:
         buf_out = torch.empty(sum(recv_l), D, device="cuda", dtype=torch.bfloat16)
         back = torch.empty_like(buf_in)
 
-        def bare():
-            dist.all_to_all_single(buf_out, buf_in, recv_l, send_l)
-            dist.all_to_all_single(back, buf_out, send_l, recv_l)
+        def bare(times: int):
+            def run():
+                for _ in range(times):  # dispatch + combine, and their backward passes
+                    dist.all_to_all_single(buf_out, buf_in, recv_l, send_l)
+                    dist.all_to_all_single(back, buf_out, send_l, recv_l)
+            return run
 
-        cross = (sum(send_l) - send_l[rank]) * row_bytes * 2  # dispatch + combine
-        t_bare, t_ours = _time(bare, args.iters), _time(ours, args.iters)
-        if rank == 0:
-            print(f"| {cross / 2 / 2**20:.0f} | {T} | {cross / t_bare / 1e9:.1f} | {cross / t_ours / 1e9:.1f} | "
-                  f"{t_bare / t_ours:.3f} |", flush=True)
+        for backward in ([False, True] if args.backward else [False]):
+            passes = 2 if backward else 1
+            cross = (sum(send_l) - send_l[rank]) * row_bytes * 2 * passes
+            t_bare = _time(bare(passes), args.iters)
+            cells = []
+            for _name, capacity, gathers_rows, kernels in variants:
+                t = _time(make(capacity, gathers_rows, kernels, backward), args.iters)
+                cells.append(f"{cross / t / 1e9:.1f} | {t_bare / t:.3f}")
+            if rank == 0:
+                print(f"| {cross / passes / 2 / 2**20:.0f} | {T} | {'fwd+bwd' if backward else 'fwd'} | "
+                      f"{cross / t_bare / 1e9:.1f} | " + " | ".join(cells) + " |", flush=True)
+        if args.profile and mib == args.sizes[-1]:
+            from torch.profiler import ProfilerActivity, profile
+
+            run = make(False, True, "auto", True)
+            run()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    run()
+                torch.cuda.synchronize()
+            if rank == 0:
+                print(f"== default path, fwd+bwd, {mib:.0f} MiB, 3 calls: CUDA kernels")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
     dist.destroy_process_group()
 
 
@@ -98,6 +147,8 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--sizes", type=float, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--backward", action="store_true", help="also time forward+backward against 4 bare calls")
+    p.add_argument("--profile", action="store_true", help="print the CUDA kernels of the default path")
     args = p.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import socket

@@ -41,7 +41,9 @@ def _full_experts():
     return ex
 
 
-def _ep_case(rank: int, world: int, case: str, device: str, dropless: bool):
+def _ep_case(rank: int, world: int, case: str, device: str, dropless: bool, regroup: str = "copy"):
+    """`regroup="index"`: experts that read rows by index (as the Triton backend does), so the dispatcher
+    hands them the regroup permutation instead of copying; on CPU the torch backend's gather mode."""
     import torch.distributed as dist
 
     from moe.parallel.expert_parallel import AllToAllDispatcher
@@ -50,7 +52,11 @@ def _ep_case(rank: int, world: int, case: str, device: str, dropless: bool):
     El = E // world
     from moe.model.dispatch import GroupedExperts
 
-    local = GroupedExperts(El, D, F).to(dev := torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu"))
+    class IndexExperts(GroupedExperts):
+        gathers_rows = True
+
+    cls = IndexExperts if regroup == "index" else GroupedExperts
+    local = cls(El, D, F, backend="triton" if regroup == "index" and device == "cuda" else "torch").to(dev := torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu"))
     with torch.no_grad():
         for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
             getattr(local, name).copy_(getattr(full, name)[rank * El:(rank + 1) * El])
@@ -94,10 +100,10 @@ def _reference(case: str, world: int):
     torch.cuda.device_count() < 2, reason="needs two GPUs"))])
 @pytest.mark.parametrize("case", ["idle_expert", "rank_sends_nothing_to_peer", "rank_receives_nothing",
                                   "all_to_one_expert"])
-@pytest.mark.parametrize("dropless", [True, False])
-def test_edge_case_matches_one_process(case, device, dropless):
+@pytest.mark.parametrize("dropless,regroup", [(True, "copy"), (False, "copy"), (True, "index")])
+def test_edge_case_matches_one_process(case, device, dropless, regroup):
     world = 2
-    results = spawn(_ep_case, world, case, device, dropless, backend="nccl" if device == "cuda" else "gloo")
+    results = spawn(_ep_case, world, case, device, dropless, regroup, backend="nccl" if device == "cuda" else "gloo")
     tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
     ref_outs, ref_grads = _reference(case, world)
     El = E // world

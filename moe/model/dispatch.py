@@ -70,6 +70,12 @@ class GroupedExperts(torch.nn.Module):
         self.w_up_EDF = torch.nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w_down_EFD = torch.nn.Parameter(torch.empty(num_experts, hidden, dim))
 
+    @property
+    def gathers_rows(self) -> bool:
+        """Whether the backend reads its input rows by index and writes results by index inside its own
+        kernels: the all-to-all dispatcher then hands it the regroup permutation instead of a copy."""
+        return self.backend == "triton"
+
     def forward(
         self,
         x: torch.Tensor,

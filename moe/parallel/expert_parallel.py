@@ -2,11 +2,17 @@
 
 Dispatch: sort kept (token, expert) assignments by expert (so by destination rank), exchange the
 per-expert counts, check them, all-to-all the token rows with uneven splits, regroup what arrived by
-local expert. Combine runs the same path backwards and scatter-adds gate-weighted results into tokens.
+local expert. Combine runs the same path backwards and sums each token's gate-weighted results.
+
+Copies of token rows, per direction: the gather into the send buffer and the combine read each row
+once (moe.parallel.permute; single-pass Triton kernels on CUDA). The regroup by local expert after the
+all-to-all is a copy only for backends that want contiguous expert-sorted rows; the Triton expert
+kernel gathers by index in its loads and writes its results back in arrival order instead.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -75,29 +81,46 @@ class AllToAllDispatcher:
                 if isinstance(self.spread_max[key], int) else torch.maximum(self.spread_max[key], distinct_T.max())
         self.spread_tokens += rank_TK.shape[0]
 
-    def _exchange_counts(self, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    def _exchange_counts(self, tokens_per_expert_E: torch.Tensor, meanwhile: Callable[[], torch.Tensor]
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's per-expert send counts, [ep, E], on the host: the dispatch's one host sync.
-        Checked, so a mismatch is an error naming layer, rank and counts rather than a hang."""
+        `meanwhile()` (building the send buffer) runs while the counts travel, so the device is busy
+        while the host waits. Checked, so a mismatch is an error naming layer, rank and counts rather
+        than a hang. Returns (counts, what `meanwhile` returned)."""
         # Counts travel on the data device for NCCL, on the CPU for gloo.
         dev = tokens_per_expert_E.device if dist.get_backend(self.group) != "gloo" else torch.device("cpu")
         mine_E = tokens_per_expert_E.to(dev, torch.int64)
         E = mine_E.numel()
         gathered = torch.empty(self.ep * E, dtype=torch.int64, device=dev)
-        with collective("ep", "all_gather", f"dispatch counts, layer {self.layer_id}"):
-            dist.all_gather_into_tensor(gathered, mine_E, group=self.group)
-        both = torch.cat([gathered, mine_E]).cpu()
+        what = f"dispatch counts, layer {self.layer_id}"
+        with collective("ep", "all_gather", what):
+            work = dist.all_gather_into_tensor(gathered, mine_E, group=self.group, async_op=True)
+        result = meanwhile()
+        with collective("ep", "all_gather", what):
+            work.wait()
+            both = torch.cat([gathered, mine_E]).cpu()
         all_counts_RE, counts_E = both[:-E].view(self.ep, E), both[-E:]
         if not torch.equal(all_counts_RE[self.ep_rank], counts_E):
             raise DispatchCountError(
                 f"layer {self.layer_id}, EP rank {self.ep_rank}: the counts peers received from this rank "
                 f"{all_counts_RE[self.ep_rank].tolist()} differ from what it will send {counts_E.tolist()}")
-        return all_counts_RE
+        return all_counts_RE, result
 
     def run(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
             keep_TK: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
         plan = plan_local(expert_idx_TK, gate_TK, keep_TK, self.num_experts)
-        self._record_spread(expert_idx_TK, keep_TK)
-        all_counts_RE = self._exchange_counts(plan.tokens_per_expert_E)
+        # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
+        wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
+        dropless = keep_TK is None
+        K = expert_idx_TK.shape[1]
+        inv_S = inverse_permutation(plan.assign_S) if dropless else None
+
+        def send_buffer() -> torch.Tensor:
+            if dropless:  # every (token, slot) is sent: gathers both ways, no scatter-add (moe.parallel.permute)
+                return gather_assignments(x_TD.to(wire_dtype), plan.assign_S, inv_S, K)
+            return x_TD.index_select(0, plan.row_idx_S).to(wire_dtype)
+
+        all_counts_RE, x_send_SD = self._exchange_counts(plan.tokens_per_expert_E, send_buffer)
         El = self.local_experts
         blocks_RRL = all_counts_RE.view(self.ep, self.ep, El)  # [src, dst, local expert]
         matrix_RR = blocks_RRL.sum(-1)
@@ -109,18 +132,11 @@ class AllToAllDispatcher:
                 f"layer {self.layer_id}, EP rank {self.ep_rank}: {plan.row_idx_S.numel()} rows to send but the "
                 f"splits {send_splits} add up to {sum(send_splits)}")
 
-        # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
-        wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
-        dropless = keep_TK is None
-        if dropless:  # every (token, slot) is sent: gathers both ways, no scatter-add (moe.parallel.permute)
-            K = expert_idx_TK.shape[1]
-            inv_S = inverse_permutation(plan.assign_S)
-            x_send_SD = gather_assignments(x_TD.to(wire_dtype), plan.assign_S, inv_S, K)
-        else:
-            x_send_SD = x_TD.index_select(0, plan.row_idx_S).to(wire_dtype)
         x_recv = run_timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_send_SD,
                            lambda t: autograd_collective("ep", "all_to_all", f"dispatch, layer {self.layer_id}", t,
                                lambda u: all_to_all_single_autograd(u, recv_splits, send_splits, self.group)))
+        # Bookkeeping after the launch: its small kernels run while the all-to-all is in flight.
+        self._record_spread(expert_idx_TK, keep_TK)
 
         # Arrived rows are ordered (source, local expert); the experts want (local expert, source).
         dev = x_TD.device
@@ -128,12 +144,18 @@ class AllToAllDispatcher:
                                              recv_counts_RL.flatten().to(dev), output_size=sum(recv_splits))
         src, le = seg_of_row // El, seg_of_row % El
         perm = torch.sort(le * self.ep + src, stable=True).indices
-        inv_perm = inverse_permutation(perm)
-        tokens_per_local_expert = recv_counts_RL.sum(0)
-        y_grouped = run_timed(self.timer, f"experts/layer_{self.layer_id}", permute_rows(x_recv, perm, inv_perm),
-                              lambda t: experts(t, tokens_per_local_expert.to(dev)))
-        y_back = run_timed(self.timer, f"a2a_combine/layer_{self.layer_id}",
-                           permute_rows(y_grouped, inv_perm, perm),
+        tokens_per_local_expert = recv_counts_RL.sum(0).to(dev)
+        if getattr(experts, "gathers_rows", False):
+            # The kernel reads row perm[s] as its s-th (expert-sorted) row and writes its result back at
+            # the same position: the results come out in arrival order with no permuted copy either way.
+            y_back = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_recv,
+                               lambda t: experts(t, tokens_per_local_expert, perm, None, t.shape[0]))
+        else:
+            inv_perm = inverse_permutation(perm)
+            y_grouped = run_timed(self.timer, f"experts/layer_{self.layer_id}", permute_rows(x_recv, perm, inv_perm),
+                                  lambda t: experts(t, tokens_per_local_expert))
+            y_back = permute_rows(y_grouped, inv_perm, perm)
+        y_back = run_timed(self.timer, f"a2a_combine/layer_{self.layer_id}", y_back,
                            lambda t: autograd_collective("ep", "all_to_all", f"combine, layer {self.layer_id}", t,
                                lambda u: all_to_all_single_autograd(u, send_splits, recv_splits, self.group)))
 
@@ -141,7 +163,7 @@ class AllToAllDispatcher:
         bpr = x_TD.shape[-1] * x_send_SD.element_size()
         self.traffic = TrafficRecord(matrix_RR if rec is None else rec.matrix_RR + matrix_RR, bpr)
         if dropless:
-            return combine_assignments(y_back, plan.assign_S, inv_S, gate_TK).to(x_TD.dtype)
+            return combine_assignments(y_back, plan.assign_S, inv_S, gate_TK, out_dtype=x_TD.dtype)
         y_SD = y_back.to(x_TD.dtype) * plan.gate_S.to(x_TD.dtype).unsqueeze(-1)
         return x_TD.new_zeros(x_TD.shape).index_add(0, plan.row_idx_S, y_SD)
 
