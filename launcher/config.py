@@ -120,9 +120,8 @@ def _tensor_parallel_problems(job: JobConfig) -> list[str]:
                      f"by parallel.tp={tp} (the shared experts' hidden width is split)")
     need("model.vocab_size", m.vocab_size, "the embedding and output head are split over the vocabulary")
     need("train.seq_len", t.seq_len, "sequence parallel gives each tp rank an equal slice of every sequence")
-    if par.pp > 1:
-        p.append(f"parallel.tp={tp} with parallel.pp={par.pp}: tensor and pipeline parallelism together are not "
-                 "supported yet; use one of them (with dp and ep)")
+    # With pp > 1 each stage is sharded over its own tp group (moe/train/pipeline_step.py): the same
+    # divisibility rules apply, and nothing else is needed.
     return p
 
 

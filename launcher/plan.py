@@ -141,8 +141,16 @@ def pipeline_plan_line(job: JobConfig, micro_batches: int) -> str:
         cost = sum(costs[i] for i in r) + (head if s == par.pp - 1 else 0.0)
         parts.append(f"stage {s}: layers {r.start}-{r.stop - 1}{extra} ({cost / 1e6:,.0f} MFLOP/token fwd)")
     bubble = (par.pp - 1) / (micro_batches + par.pp - 1)
-    return (f"pipeline: {'; '.join(parts)}; 1F1B over {micro_batches} micro-batches, bubble "
-            f"(pp-1)/(m+pp-1) = {bubble:.0%}")
+    # What one rank sends to the next stage per micro-batch (and receives back as its gradient): the fp32
+    # residual stream; under tp each rank sends only its sequence slice to the same tp rank of the next stage.
+    t = job.train
+    send_bytes = t.micro_batch_size * (t.seq_len // par.tp) * m.hidden_size * 4
+    shape = f"[{t.micro_batch_size}, {t.seq_len}/{par.tp}, {m.hidden_size}]" if par.tp > 1 else \
+        f"[{t.micro_batch_size}, {t.seq_len}, {m.hidden_size}]"
+    each_stage = f"; every stage sharded over its own tp={par.tp} ranks" if par.tp > 1 else ""
+    return (f"pipeline: {'; '.join(parts)}{each_stage}; 1F1B over {micro_batches} micro-batches, bubble "
+            f"(pp-1)/(m+pp-1) = {bubble:.0%}; per micro-batch each rank sends {shape} fp32 = "
+            f"{send_bytes / 1e6:,.2f} MB to the next stage (and as much back in the backward)")
 
 
 def _gb(x: float) -> str:
@@ -173,15 +181,17 @@ def print_plan(job: JobConfig) -> list[str]:
           f"{mem.activations / 2**30:.2f} GiB ({tokens} tokens per micro-batch): ~{mem.total / 2**30:.2f} GiB")
     if c.use_gpu and mem.total / 2**30 > GPU_MEMORY_GIB:
         print(f"warning: ~{mem.total / 2**30:.0f} GiB per GPU does not fit an {GPU_MEMORY_GIB:g} GiB GPU; raise "
-              "parallel.ep, lower train.micro_batch_size, or shard the dense part (not in this version)")
+              "parallel.ep, parallel.tp or parallel.pp, or lower train.micro_batch_size")
 
     n_moe = m.num_layers - m.num_dense_layers
     accum = max(t.global_batch_size // max(t.micro_batch_size * par.dp, 1), 1)
     if 1 < par.pp <= m.num_layers:
         print(pipeline_plan_line(job, accum))
     if placements is not None and par.ep > 1:
-        tr = traffic_plan(tokens, m.moe.top_k, m.hidden_size, act_b, n_moe, accum, placements)
-        print(f"all-to-all per GPU per MoE layer (uniform routing, {tokens} tokens, {tr.bytes_per_vector:,} B per "
+        # Sequence parallel: each tp rank routes its own 1/tp of the micro-batch's tokens.
+        routed = tokens // par.tp
+        tr = traffic_plan(routed, m.moe.top_k, m.hidden_size, act_b, n_moe, accum, placements)
+        print(f"all-to-all per GPU per MoE layer (uniform routing, {routed} tokens, {tr.bytes_per_vector:,} B per "
               f"token vector): {tr.vectors_per_layer:,.0f} token vectors = {tr.dispatch_bytes / 1e6:,.1f} MB dispatch "
               f"({tr.intra_node_bytes / 1e6:,.1f} MB intra-node, {tr.inter_node_bytes / 1e6:,.1f} MB inter-node) "
               "+ as much in the combine")

@@ -66,6 +66,9 @@ def test_plus_key_nested_is_refused():
         (["parallel.ep=3", "parallel.dp=3", "cluster.num_workers=3", "train.global_batch_size=24"],
          r"parallel\.ep=3: must divide model\.moe\.num_experts=8"),
         (["parallel.ep=2"], r"parallel\.ep=2: must divide dp\*tp=1"),
+        # tp with pp: ep borrows its ranks from one stage's dp*tp, not from the world.
+        (["parallel.tp=2", "parallel.pp=2", "parallel.ep=4", "cluster.num_workers=4", "train.global_batch_size=8",
+          "train.micro_batch_size=2"], r"parallel\.ep=4: must divide dp\*tp=2"),
         (["train.global_batch_size=10", "train.micro_batch_size=4"], r"train\.global_batch_size=10: must be a multiple"),
         (["train.seq_len=4096"], r"train\.seq_len=4096: longer than model\.max_seq_len=1024"),
         (["model.moe.router.score_func=tanh"], r"score_func='tanh': must be one of \['sigmoid', 'softmax'\]"),

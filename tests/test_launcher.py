@@ -112,6 +112,23 @@ def test_simulated_two_nodes_keeps_tp_and_ep_groups_inside_nodes(two_nodes, tmp_
     assert summary["world_size"] == 4 and len(summary["losses"]) == 3
 
 
+def test_simulated_two_nodes_trains_tp_with_pp(two_nodes, tmp_path):
+    """pp=2 x tp=2 on 2 nodes x 2 workers: each TP group is one node's two ranks, and the pipeline joins the
+    same tp rank of both stages across the nodes (TP on the fast links, only PP's send/recv between nodes)."""
+    run = tmp_path / "run"
+    res = launch(run, TRAIN + ["cluster.num_workers=4", "parallel.tp=2", "parallel.pp=2",
+                               "logger.progress_bar=false", f"cluster.address={two_nodes}"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "done: 3 steps" in res.stdout
+    topo = check_topology(run, nodes=2, per_node=2, ep=1)
+    assert [r["groups"]["tp"] for r in topo["ranks"]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [r["groups"]["pp"] for r in topo["ranks"]] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 4 and len(summary["losses"]) == 3
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(f"moe/overload_factor/layer_{i}" in last for i in (1, 2, 3))  # both stages' layers logged
+
+
 def test_more_workers_than_exist_fails_fast(two_nodes, tmp_path):
     started = time.time()
     res = launch(tmp_path / "run", TRAIN + ["cluster.num_workers=8", "parallel.dp=8", "parallel.ep=2",

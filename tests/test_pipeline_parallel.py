@@ -22,12 +22,14 @@ RTOL = 1e-5  # as tests/test_expert_parallel.py: fp32, only reduction order diff
 LOSSES = ["model.moe.router.aux_loss_coeff=0.01", "model.moe.router.z_loss_coeff=0.001"]
 
 
-def make_job(run_dir, dp: int = 1, ep: int = 1, pp: int = 1, steps: int = 10, extra: list[str] | None = None):
+def make_job(run_dir, dp: int = 1, ep: int = 1, pp: int = 1, steps: int = 10, extra: list[str] | None = None,
+             tp: int = 1):
     job = job_from([
         "model=deepseek_tiny", "data=synthetic", "logger.wandb.mode=disabled", "logger.progress_bar=false",
         f"train.steps={steps}", "train.global_batch_size=8", "train.micro_batch_size=2", "train.seq_len=16",
         "train.eval_every=5", "train.eval_batches=2", "train.warmup_steps=2", "train.dtype=fp32", "train.lr=0.001",
-        f"parallel.dp={dp}", f"parallel.ep={ep}", f"parallel.pp={pp}", f"cluster.num_workers={dp * pp}",
+        f"parallel.dp={dp}", f"parallel.ep={ep}", f"parallel.pp={pp}", f"parallel.tp={tp}",
+        f"cluster.num_workers={dp * tp * pp}",
         *LOSSES, *(extra or []),
     ])
     job.run_dir = str(run_dir)
@@ -87,14 +89,19 @@ def test_pipeline_matches_single_process(tmp_path, reference, dp, ep, pp):
     # The balancing losses and expert-load metrics of both stages' layers reach the log, equal to one
     # process's: bit for bit on the first step with dp=1 (same weights, nothing summed in another order),
     # within RTOL after weights have picked up the gradient norm's rounding differences.
-    got = rows(tmp_path)
+    assert_logged_metrics_match(rows(tmp_path), ref_rows, ep, exact_first_step=dp == 1)
+
+
+def assert_logged_metrics_match(got: list[dict], ref_rows: list[dict], ep: int, exact_first_step: bool) -> None:
+    """Every layout-independent moe/* metric of every step, and loss, aux_loss and grad_norm, as one
+    process logged them (the first step bit for bit where asked); traffic of every layer with ep > 1."""
     assert len(got) == len(ref_rows) == 10
     for step, (a, b) in enumerate(zip(got, ref_rows)):
-        tol = 0.0 if dp == 1 and step == 0 else RTOL
+        tol = 0.0 if exact_first_step and step == 0 else RTOL
         moe_keys = [k for k in b if k.startswith("moe/") and not any(x in k for x in LAYOUT_KEYS)]
         assert {f"moe/load_balancing_loss/layer_{i}" for i in (1, 2, 3)} <= set(moe_keys)
         for k in moe_keys:
-            assert k in a, f"step {step}: {k} missing with pp={pp}"
+            assert k in a, f"step {step}: {k} missing"
             assert rel(a[k], b[k]) <= tol or abs(a[k] - b[k]) < 1e-12, f"step {step}: {k} {a[k]!r} vs {b[k]!r}"
         assert "moe/imbalance_wait_s/layer_3" in a  # timing of the last stage's layer reaches rank 0 too
         for k in ("loss", "aux_loss", "grad_norm"):
@@ -209,10 +216,15 @@ def test_config_checks_for_pipeline():
     with pytest.raises(ConfigError, match=r"parallel\.pp=2: the 1F1B pipeline schedule needs at least pp "
                                           r"micro-batches per step.* = 1; raise train\.global_batch_size to 8"):
         job_from(base + ["parallel.dp=1", "train.global_batch_size=4", "train.micro_batch_size=4"])
-    # tp x pp: the tp plan names modules a stage may not hold (refused by the tensor-parallel checks).
-    with pytest.raises(ConfigError, match=r"parallel\.pp=2: tensor and pipeline parallelism together are not"):
-        job_from(["model=deepseek_tiny", "parallel.pp=2", "parallel.tp=2", "cluster.num_workers=4",
-                  "train.global_batch_size=8", "train.micro_batch_size=2"])
+    # tp x pp is a layout like any other (tests/test_tp_pp.py); its micro-batch count is counted over dp only,
+    # since the tp ranks of a stage share their sequences.
+    job = job_from(base + ["parallel.tp=2", "cluster.num_workers=4", "train.global_batch_size=8",
+                           "train.micro_batch_size=2"])
+    assert (job.parallel.pp, job.parallel.tp) == (2, 2)
+    with pytest.raises(ConfigError, match=r"parallel\.pp=2: the 1F1B pipeline schedule needs at least pp "
+                                          r"micro-batches per step.* = 1"):
+        job_from(base + ["parallel.tp=2", "parallel.dp=2", "cluster.num_workers=8", "train.global_batch_size=4",
+                         "train.micro_batch_size=2"])
 
 
 def test_aux_injector_gradient():

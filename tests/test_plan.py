@@ -77,3 +77,19 @@ def test_plan_mode_command_line_exit_codes(tmp_path):
                                  "cluster.workers_per_node=2", "train.global_batch_size=32"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "REFUSED" in bad.stdout and "allow_cross_node_ep" in bad.stdout
+
+
+def test_tp_with_pp_is_planned(capsys):
+    """pp=2 x tp=2 x ep=2 on 4 workers: accepted; the pipeline line names the tp split of each stage and the
+    [mbs, S/tp, D] slice each rank sends; the all-to-all counts each tp rank's own 1/tp of the tokens."""
+    job = job_from(["model=deepseek_tiny", "cluster.num_workers=4", "parallel.tp=2", "parallel.pp=2",
+                    "parallel.ep=2", "train.global_batch_size=16", "train.micro_batch_size=8", "train.seq_len=128"])
+    assert print_plan(job) == []
+    out = capsys.readouterr().out
+    assert "REFUSED" not in out
+    assert "every stage sharded over its own tp=2 ranks" in out
+    assert f"each rank sends [8, 128/2, 128] fp32 = {8 * 64 * 128 * 4 / 1e6:,.2f} MB to the next stage" in out
+    assert "uniform routing, 512 tokens" in out  # 8 x 128 tokens per micro-batch, half on each tp rank
+    placements = assumed_placements(Layout(dp=1, tp=2, pp=2, ep=2), 4, use_gpu=False)
+    assert [p.groups["pp"] for p in placements] == [[0, 2], [1, 3], [0, 2], [1, 3]]  # same tp rank per stage
+    assert [p.groups["tp"] for p in placements] == [[0, 1], [0, 1], [2, 3], [2, 3]]

@@ -184,8 +184,9 @@ def test_one_step_gradients_match_whole_model_mla_with_query_compression():
     (["model.moe.expert_intermediate_size=130"], r"expert_intermediate_size \* model\.moe\.num_shared_experts = 130"),
     (["train.seq_len=18"], r"train\.seq_len=18: must be divisible by parallel\.tp=4 \(sequence parallel"),
     (["model.vocab_size=4098", "data.tokenizer_vocab_size=4096"], r"model\.vocab_size=4098: must be divisible"),
-    (["parallel.pp=2", "cluster.num_workers=8", "train.global_batch_size=32"],
-     r"parallel\.tp=4 with parallel\.pp=2: tensor and pipeline parallelism together are not supported"),
+    # With pipeline stages too, every stage is split the same way: the same rules still apply.
+    (["parallel.pp=2", "cluster.num_workers=8", "train.global_batch_size=32", "train.seq_len=18"],
+     r"train\.seq_len=18: must be divisible by parallel\.tp=4"),
 ])
 def test_tp_divisibility_is_checked(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -195,6 +196,10 @@ def test_tp_divisibility_is_checked(overrides, pattern):
 def test_tp_layout_is_accepted():
     job = job_from(["parallel.tp=2", "parallel.ep=2", "parallel.dp=2", "cluster.num_workers=4"])
     assert (job.parallel.tp, job.parallel.ep) == (2, 2)
+    # With pipeline parallelism (tests/test_tp_pp.py trains it): ep borrows from dp*tp of each stage.
+    job = job_from(["parallel.tp=2", "parallel.pp=2", "parallel.ep=2", "cluster.num_workers=4",
+                    "train.global_batch_size=8", "train.micro_batch_size=2"])
+    assert (job.parallel.tp, job.parallel.pp, job.parallel.ep) == (2, 2, 2)
 
 
 def test_checkpoint_saved_at_tp2_resumes_at_tp2_and_on_one_process(tmp_path):

@@ -16,6 +16,11 @@ that is a partial sum over the tp ranks -- a plain parameter that saw only this 
 router), or a replicated DTensor weight whose gradient came back Partial (norms, MLA's shared
 projections) -- is summed over tp and averaged over dp in one all-reduce over the dp*tp `routing`
 group. A tp-sharded DTensor gradient is complete for its shard and is averaged over dp as before.
+
+Pipeline parallelism: each stage holds its own layers, and the dp, tp, edp and `routing` groups all lie
+inside one stage (the mesh's pp dimension is outermost), so the rules above apply per stage unchanged,
+with tp as well. Only the norm crosses stages: each rank's sum of squares is whole for its stage (after
+the tp and ep sums) and the stages' sums add over pp.
 """
 from __future__ import annotations
 

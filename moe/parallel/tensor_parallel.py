@@ -19,6 +19,11 @@ Inside attention the model code runs on DTensors with their global shapes (views
 heads), so the model stays unchanged; DTensor's autograd sums the partial gradients of the replicated
 pieces. The router's balancing losses count over whole sequences (moe.model.router, `seq_shard_group`),
 and the gradients of the remaining plain parameters are summed over tp (moe.parallel.grads).
+
+With pipeline parallelism the plan is applied to one stage's module (moe.parallel.pipeline) after the
+stage cut: only the first stage has the embedding, only the last the norm and head, and every stage's
+blocks are split over that stage's tp group. The plain [B, S/tp, D] residual stream is what the stages
+pass on, each rank to the same tp rank of the next stage (moe.train.pipeline_step).
 """
 from __future__ import annotations
 

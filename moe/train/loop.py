@@ -149,7 +149,9 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         moe.router.global_group = ctx.group("routing") if ctx.dp * ctx.tp > 1 else None
     if ctx.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"))
-    if ctx.tp > 1:  # dense part sharded over tp, sequence-parallel residual stream (moe/parallel/tensor_parallel.py)
+    # Dense part sharded over tp, sequence-parallel residual stream (moe/parallel/tensor_parallel.py). After
+    # the stage cut under pp: each stage shards only what it holds, over its own tp group.
+    if ctx.tp > 1:
         from moe.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx.mesh["tp"])
@@ -194,7 +196,9 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         # One all-reduce for every logged per-rank mean: the LM loss, the balancing loss, router losses.
         keys = sorted(router_sums)
         packed = torch.stack([ce_sum, aux_sum, *(router_sums[k].to(device) for k in keys)])
-        # Over pp too: the loss lives on the last stage, each layer's router sums on its own stage.
+        # Over pp too: the loss lives on the last stage, each layer's router sums on its own stage. Never
+        # over tp: every tp rank holds the whole micro-batches' loss and router sums (logits gathered; router
+        # losses and drops over whole sequences, moe/model/sharded_balancing.py): a sum would count them tp times.
         packed = all_reduce_(all_reduce_(packed, ctx, "dp"), ctx, "pp") / (accum * ctx.dp)
         loss = packed[0].item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):

@@ -7,6 +7,16 @@ in one process. The loss function returns `ce / accum` and the schedule does not
 (`scale_grads=False`); with the aux-loss injection (moe.parallel.pipeline) the gradients are those of
 the single-process `((ce + aux) / accum).backward()` summed over micro-batches.
 
+With tensor parallelism (moe.parallel.tensor_parallel) each stage's module is sharded over its own tp
+group after the stage cut (the plan skips the embedding, norm and head a stage does not hold). Between
+blocks, and so between stages, a rank's residual stream is its plain [mbs, S/tp, D] slice of every
+sequence: the stages send and receive that slice (`hidden_shape_between_stages`), and a rank's pp group
+joins the same (dp, tp) position of every stage, so each slice reaches the rank that continues it. The
+last stage's head gathers the logits, so every tp rank of it computes the same loss; the loop reduces
+losses and metrics over dp and pp only, never over tp. Each tp rank injects its layer's (whole-sequence)
+balancing loss with the same 1 / accum: its router gradient is its own tokens' share, summed over tp by
+moe.parallel.grads as without pipelining.
+
 Metrics leave each stage through fixed-size sums over the `pp` group, so they cannot hang on a stage
 that owns no MoE layer (it contributes zeros): `router_sums_all_layers` gives every rank the same keys
 for the loop's packed all-reduce, `gather_loads` one [num_moe_layers, 2E] table of expert loads and
@@ -50,6 +60,14 @@ def pp_rank(ctx: ParallelContext) -> int:
     return ctx.rank // (ctx.dp * ctx.tp)
 
 
+def hidden_shape_between_stages(job: JobConfig, ctx: ParallelContext) -> tuple[int, int, int]:
+    """[mbs, S/tp, D]: what one micro-batch's residual stream is on each rank between blocks. Under tp
+    (sequence parallel) it is this rank's plain slice of every sequence, and the pp group joins the same
+    tp position of every stage, so each rank sends and receives its own slice."""
+    t = job.train
+    return t.micro_batch_size, t.seq_len // ctx.tp, job.model.hidden_size
+
+
 def stage_model_for(model: torch.nn.Module, job: JobConfig, ctx: ParallelContext) -> PipelineStageModel:
     return build_stage_model(model, pp_rank(ctx), ctx.pp, job.train.seq_len)
 
@@ -59,11 +77,9 @@ class PipelineRunner:
                  device: torch.device, accum: int,
                  autocast: Callable[[], contextlib.AbstractContextManager],
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-        # launcher/config.py refuses both first; these say why should a job arrive here some other way.
+        # launcher/config.py refuses this first; this says why should a job arrive here some other way.
         if accum < ctx.pp:
             raise ValueError(f"pipeline needs at least pp={ctx.pp} micro-batches per step, got {accum}")
-        if ctx.tp > 1:
-            raise NotImplementedError("pipeline parallelism with tensor parallelism (tp > 1) is not supported yet")
         t, m = job.train, job.model
         self.model, self.job, self.ctx, self.device, self.accum = stage_model, job, ctx, device, accum
         self.lm_loss = loss_fn
@@ -76,11 +92,14 @@ class PipelineRunner:
         # its forward on dummy data, which would run the MoE all-to-alls and count dummy tokens.
         hidden_dtype = torch.float32  # the residual stream stays in the fp32 parameter dtype under autocast
         meta = torch.device("meta")
+        hidden_shape = hidden_shape_between_stages(job, ctx)
         # requires_grad on the float metas: the stage derives from it which gradients travel back.
         inp = (torch.empty(mbs, S, dtype=torch.int64, device=meta) if stage_model.is_first
-               else torch.empty(mbs, S, D, dtype=hidden_dtype, device=meta, requires_grad=True))
+               else torch.empty(hidden_shape, dtype=hidden_dtype, device=meta, requires_grad=True))
+        # The last stage's logits are whole on every tp rank (the head gathers them over the vocabulary).
         out = (torch.empty(mbs, S, m.vocab_size, dtype=torch.float32, device=meta, requires_grad=True)
-               if stage_model.is_last else torch.empty(mbs, S, D, dtype=hidden_dtype, device=meta, requires_grad=True))
+               if stage_model.is_last
+               else torch.empty(hidden_shape, dtype=hidden_dtype, device=meta, requires_grad=True))
         self.stage = PipelineStage(stage_model, pp_rank(ctx), ctx.pp, device, input_args=inp, output_args=out,
                                    group=ctx.group("pp"))
         self.schedule = Schedule1F1B(self.stage, n_microbatches=accum, loss_fn=self._loss, scale_grads=False)
@@ -212,7 +231,8 @@ class PipelineRunner:
     @torch.no_grad()
     def evaluate(self, dataset, job: JobConfig, step: int) -> float:
         """The loop's `evaluate` through the stages: forward only, one micro-batch at a time, hidden states
-        passed on with blocking send/recv over pp; the last stage's loss is summed over dp and pp."""
+        passed on with blocking send/recv over pp (each rank's [mbs, S/tp, D] slice under tp); the last
+        stage's loss is summed over dp and pp (its tp ranks hold the same value: not over tp)."""
         m, t, ctx = self.model, job.train, self.ctx
         m.eval()
         group = ctx.group("pp")
@@ -220,7 +240,7 @@ class PipelineRunner:
         prev_rank, next_rank = (dist.get_global_rank(group, s) if 0 <= s < ctx.pp else None
                                 for s in (me - 1, me + 1))
         total = torch.zeros((), device=self.device)
-        shape = (t.micro_batch_size, t.seq_len, job.model.hidden_size)
+        shape = hidden_shape_between_stages(job, ctx)
         for b in range(t.eval_batches):
             start = (b * ctx.dp + ctx.dp_rank) * t.micro_batch_size
             inputs, targets = dataset.batch(step, range(start, start + t.micro_batch_size), split="val")
