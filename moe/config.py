@@ -228,9 +228,11 @@ class LoggerConfig:
     """Show a progress bar with loss and tokens/s."""
     timing: bool = True
     """Time the all-to-alls and the expert compute (CUDA events, read at log time; no extra sync)."""
-    plot_every: int = 50
-    """Every this many steps: heatmaps (tokens per expert, rank x rank traffic) as PNG files in the
-    run dir and wandb images, and a wandb histogram of expert loads; 0 disables them."""
+    plot_every: int = 500
+    """Every this many steps (and at the last step): heatmaps (tokens per expert, rank x rank traffic)
+    as PNG files in the run dir and wandb images, and a wandb histogram of expert loads; 0 disables
+    them. One set costs a few hundred ms of host time (matplotlib), so frequent pictures show in the
+    step time of small models (BENCHMARKS.md, issue 6)."""
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s of one device for perf/mfu; None looks the device up (H100/H200: 989 bf16)."""
     alerts: AlertsConfig = field(default_factory=AlertsConfig)

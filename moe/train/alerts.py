@@ -13,9 +13,9 @@ how many were held back.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moe.config import AlertsConfig
@@ -34,12 +34,12 @@ class Alert:
         return f"[moe-alert] WARNING step {self.step}: {self.title}: {self.text}"
 
 
-def _diversity(counts_E: torch.Tensor) -> float:
-    total = counts_E.sum().item()
-    if total <= 0:
-        return 0.0
-    p = counts_E[counts_E > 0] / total
-    return math.exp(-(p * p.log()).sum().item()) / counts_E.numel()
+def _diversity_L(counts_LE: np.ndarray) -> np.ndarray:
+    """Per layer exp(entropy of the load distribution) / E; 0 for a layer with no tokens."""
+    total_L = counts_LE.sum(1)
+    p_LE = counts_LE / np.where(total_L > 0, total_L, 1.0)[:, None]
+    plogp_LE = np.where(p_LE > 0, p_LE * np.log(np.where(p_LE > 0, p_LE, 1.0)), 0.0)
+    return np.where(total_L > 0, np.exp(-plogp_LE.sum(1)) / counts_LE.shape[1], 0.0)
 
 
 def _layers_text(items: dict[int, list[str]], limit: int = 16) -> str:
@@ -51,13 +51,17 @@ def _layers_text(items: dict[int, list[str]], limit: int = 16) -> str:
 
 
 class HealthMonitor:
+    """State and checks on [layers, experts] numpy arrays: a handful of array operations per step for
+    the whole model (the per-step host cost counts against the metrics' overhead budget)."""
+
     def __init__(self, cfg: AlertsConfig) -> None:
         self.cfg = cfg
-        self.dead_streak: dict[int, torch.Tensor] = {}
-        """Per layer, int64 [E]: consecutive steps each expert has had no token."""
-        self.saturated: dict[int, torch.Tensor] = {}
-        """Per layer, bool [E]: above the saturation threshold on the previous step."""
-        self.collapsed: dict[int, bool] = {}
+        self.layers: list[int] = []
+        self.dead_streak_LE = np.zeros((0, 0), dtype=np.int64)
+        """Consecutive steps each expert has had no token."""
+        self.saturated_LE = np.zeros((0, 0), dtype=bool)
+        """Above the saturation threshold on the previous step."""
+        self.collapsed_L = np.zeros(0, dtype=bool)
         self.last_fired: dict[str, int] = {}
         """Per alert kind, the step it last fired."""
         self.held_back: dict[str, int] = {}
@@ -65,44 +69,48 @@ class HealthMonitor:
 
     def check(self, counts_by_layer: dict[int, torch.Tensor], step: int) -> list[Alert]:
         """Update the state with this step's global counts (int [E] per layer) and return new alerts."""
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or not counts_by_layer:
             return []
         c = self.cfg
-        dead: dict[int, list[str]] = {}
-        hot: dict[int, list[str]] = {}
-        collapsed: dict[int, list[str]] = {}
-        for layer, counts in counts_by_layer.items():
-            counts_E = counts.detach().double().cpu()
-            streak_E = self.dead_streak.get(layer, torch.zeros(counts_E.numel(), dtype=torch.int64))
-            streak_E = torch.where(counts_E == 0, streak_E + 1, torch.zeros_like(streak_E))
-            self.dead_streak[layer] = streak_E
-            newly_dead = (streak_E == c.dead_expert_steps).nonzero().flatten().tolist()
-            if newly_dead:
-                dead[layer] = [str(e) for e in newly_dead]
+        layers = sorted(counts_by_layer)
+        counts_LE = np.stack([counts_by_layer[i].detach().cpu().numpy() for i in layers]).astype(np.float64)
+        if layers != self.layers or counts_LE.shape != self.dead_streak_LE.shape:  # first step: no history
+            self.layers = layers
+            self.dead_streak_LE = np.zeros(counts_LE.shape, dtype=np.int64)
+            self.saturated_LE = np.zeros(counts_LE.shape, dtype=bool)
+            self.collapsed_L = np.zeros(len(layers), dtype=bool)
 
-            mean = counts_E.mean().item()
-            factor_E = counts_E / mean if mean > 0 else torch.zeros_like(counts_E)
-            over_E = factor_E > c.saturation_factor
-            was_E = self.saturated.get(layer, torch.zeros_like(over_E))
-            self.saturated[layer] = over_E
-            newly_hot = (over_E & ~was_E).nonzero().flatten().tolist()
-            if newly_hot:
-                hot[layer] = [f"{e} ({factor_E[e].item():.1f}x)" for e in newly_hot]
+        self.dead_streak_LE = np.where(counts_LE == 0, self.dead_streak_LE + 1, 0)
+        newly_dead_LE = self.dead_streak_LE == c.dead_expert_steps
 
-            div = _diversity(counts_E)
-            is_collapsed = mean > 0 and div < c.diversity_floor
-            if is_collapsed and not self.collapsed.get(layer, False):
-                collapsed[layer] = [f"diversity {div:.3f}"]
-            self.collapsed[layer] = is_collapsed
+        mean_L = counts_LE.mean(1)
+        factor_LE = np.divide(counts_LE, mean_L[:, None], out=np.zeros_like(counts_LE), where=mean_L[:, None] > 0)
+        over_LE = factor_LE > c.saturation_factor
+        newly_hot_LE = over_LE & ~self.saturated_LE
+        self.saturated_LE = over_LE
+
+        div_L = _diversity_L(counts_LE)
+        is_collapsed_L = (mean_L > 0) & (div_L < c.diversity_floor)
+        newly_collapsed_L = is_collapsed_L & ~self.collapsed_L
+        self.collapsed_L = is_collapsed_L
+
+        def by_layer(mask_LE: np.ndarray, label) -> dict[int, list[str]]:
+            out: dict[int, list[str]] = {}
+            for l, e in zip(*np.nonzero(mask_LE)):
+                out.setdefault(layers[l], []).append(label(l, e))
+            return out
 
         alerts = []
-        if dead:
+        if newly_dead_LE.any():
+            dead = by_layer(newly_dead_LE, lambda l, e: str(e))
             alerts.append(Alert(step, "dead_expert", "dead experts",
                                 f"no token for {c.dead_expert_steps} steps in a row: {_layers_text(dead)}"))
-        if hot:
+        if newly_hot_LE.any():
+            hot = by_layer(newly_hot_LE, lambda l, e: f"{e} ({factor_LE[l, e]:.1f}x)")
             alerts.append(Alert(step, "expert_saturation", "saturated experts",
                                 f"more than {c.saturation_factor:g}x the mean load: {_layers_text(hot)}"))
-        if collapsed:
+        if newly_collapsed_L.any():
+            collapsed = {layers[l]: [f"diversity {div_L[l]:.3f}"] for l in np.nonzero(newly_collapsed_L)[0]}
             alerts.append(Alert(step, "router_collapse", "router collapse",
                                 f"expert diversity below {c.diversity_floor:g}: {_layers_text(collapsed)}"))
         return [a for a in alerts if self._release(a)]
