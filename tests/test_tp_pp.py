@@ -120,7 +120,7 @@ def test_tp_pp_checkpoint_loads_on_one_process(tmp_path):
     assert [s for s, _ in folders] == [1, 2]
     live: dict[str, torch.Tensor] = {}
     for rank in range(4):  # stage 0 is ranks 0-1, stage 1 ranks 2-3: tp ranks agree, stages are disjoint
-        for k, v in torch.load(run / f"live_step1_rank{rank}.pt").items():
+        for k, v in torch.load(run / f"live_step1_rank{rank}.pt", weights_only=True).items():
             assert k not in live or torch.equal(live[k], v), f"rank {rank}: {k} differs from its tp peer"
             live[k] = v
 
