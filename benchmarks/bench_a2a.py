@@ -65,10 +65,13 @@ def worker(rank: int, world: int, port: int, args) -> None:
     E, K, D = args.experts, args.top_k, args.hidden
     row_bytes = D * 2
     disp = AllToAllDispatcher(dist.group.WORLD, world, rank, E, layer_id=0)
-    # (column, keep mask or dropless, experts take the regroup as an index, Triton row kernels)
-    variants = [("ours (dropless, default)", False, True, "auto"),
-                ("dropless, copies, torch combine", False, False, "off"),
-                ("capacity path", True, False, "auto")]
+    # (column, keep mask or dropless, experts take the regroup as an index, Triton row kernels, transport)
+    variants = [("ours (dropless, nccl)", False, True, "auto", "nccl"),
+                ("ours (dropless, p2p)", False, False, "auto", "p2p"),
+                ("dropless, copies, torch combine", False, False, "off", "nccl"),
+                ("capacity path", True, False, "auto", "nccl")]
+    if args.variants:
+        variants = [v for v in variants if any(w in v[0] for w in args.variants.split(","))]
     if rank == 0:
         cols = " | ".join(f"{name} GB/s | ratio" for name, *_ in variants)
         print(f"| MiB sent per rank (cross-rank) | tokens | pass | bare a2a GB/s | {cols} |")
@@ -81,7 +84,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
         idx = torch.rand(T, E, device="cuda", generator=g).topk(K, dim=-1).indices
         gate = torch.rand(T, K, device="cuda")
 
-        def make(capacity: bool, gathers_rows: bool, kernels: str, backward: bool):
+        def make(capacity: bool, gathers_rows: bool, kernels: str, comm: str, backward: bool):
             experts = IdentityExperts(gathers_rows)
             keep = torch.ones_like(idx, dtype=torch.bool) if capacity else None
             xg = x.detach().requires_grad_(backward)
@@ -89,6 +92,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
 
             def run():
                 permute.ROW_KERNELS = kernels
+                disp.comm = comm
                 out = disp.run(xg, idx, gg, keep, experts)
                 if backward:
                     out.backward(torch.ones_like(out))
@@ -112,13 +116,25 @@ def worker(rank: int, world: int, port: int, args) -> None:
                     dist.all_to_all_single(back, buf_out, send_l, recv_l)
             return run
 
+        # The transports must agree before their times mean anything: output and both input gradients.
+        got = {}
+        for comm in ("nccl", "p2p"):
+            disp.comm = comm
+            xg, gg = x.detach().requires_grad_(), gate.detach().requires_grad_()
+            out = disp.run(xg, idx, gg, None, IdentityExperts(False))
+            out.backward(torch.randn_like(out, generator=torch.Generator(device="cuda").manual_seed(7)))
+            got[comm] = (out.detach().float(), xg.grad.float(), gg.grad.float())
+        diffs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(got["p2p"], got["nccl"])]
+        if rank == 0 or max(diffs) > 1e-2:
+            print(f"# rank {rank}, {mib:.0f} MiB: p2p vs nccl max relative difference: out {diffs[0]:.2e}, "
+                  f"dx {diffs[1]:.2e}, dgate {diffs[2]:.2e}", flush=True)
         for backward in ([False, True] if args.backward else [False]):
             passes = 2 if backward else 1
             cross = (sum(send_l) - send_l[rank]) * row_bytes * 2 * passes
             t_bare = _time(bare(passes), args.iters)
             cells = []
-            for _name, capacity, gathers_rows, kernels in variants:
-                t = _time(make(capacity, gathers_rows, kernels, backward), args.iters)
+            for _name, capacity, gathers_rows, kernels, comm in variants:
+                t = _time(make(capacity, gathers_rows, kernels, comm, backward), args.iters)
                 cells.append(f"{cross / t / 1e9:.1f} | {t_bare / t:.3f}")
             if rank == 0:
                 print(f"| {cross / passes / 2 / 2**20:.0f} | {T} | {'fwd+bwd' if backward else 'fwd'} | "
@@ -126,7 +142,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
         if args.profile and mib == args.sizes[-1]:
             from torch.profiler import ProfilerActivity, profile
 
-            run = make(False, True, "auto", True)
+            run = make(False, True, "auto", args.profile, True)
             run()
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -134,7 +150,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
                     run()
                 torch.cuda.synchronize()
             if rank == 0:
-                print(f"== default path, fwd+bwd, {mib:.0f} MiB, 3 calls: CUDA kernels")
+                print(f"== dropless {args.profile}, fwd+bwd, {mib:.0f} MiB, 3 calls: CUDA kernels")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
     dist.destroy_process_group()
 
@@ -148,7 +164,9 @@ def main() -> None:
     p.add_argument("--sizes", type=float, nargs="+", default=[64, 128, 256, 512, 1024])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--backward", action="store_true", help="also time forward+backward against 4 bare calls")
-    p.add_argument("--profile", action="store_true", help="print the CUDA kernels of the default path")
+    p.add_argument("--profile", default=None, choices=["nccl", "p2p"],
+                   help="print the CUDA kernels of the dropless path with this transport")
+    p.add_argument("--variants", default="", help="comma-separated substrings of the variant names to run")
     args = p.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import socket

@@ -181,6 +181,11 @@ def print_autotune_choices() -> None:
             k = getattr(mod, kname)
             for key, cfg in getattr(k, "cache", {}).items():
                 print(f"# autotune {kname} D,F={key[:2]}: {cfg}", flush=True)
+            # Timings of every config tried for the last key tuned (the shape just run).
+            for cfg, ms in sorted((getattr(k, "configs_timings", None) or {}).items(), key=lambda kv: kv[1]):
+                print(f"#   tried {kname}: {ms} ms  {cfg}", flush=True)
+            if getattr(k, "configs_timings", None):
+                k.configs_timings = None
 
 
 def check(device) -> list[dict]:
@@ -232,6 +237,7 @@ def main() -> None:
         for skew in args.skews.split(","):
             rows += bench_case(name, s, skew, args.backends.split(","), args.iters, args.warmup, device)
         torch.cuda.empty_cache()
+        print_autotune_choices()
         if args.profile:
             profile_kernels(name, s, args.backends.split(","), device)
             torch.cuda.empty_cache()

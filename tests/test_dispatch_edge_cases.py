@@ -41,9 +41,10 @@ def _full_experts():
     return ex
 
 
-def _ep_case(rank: int, world: int, case: str, device: str, dropless: bool, regroup: str = "copy"):
+def _ep_case(rank: int, world: int, case: str, device: str, dropless: bool, regroup: str = "copy", comm: str = "nccl"):
     """`regroup="index"`: experts that read rows by index (as the Triton backend does), so the dispatcher
-    hands them the regroup permutation instead of copying; on CPU the torch backend's gather mode."""
+    hands them the regroup permutation instead of copying; on CPU the torch backend's gather mode.
+    `comm="p2p"`: the symmetric-memory transport (GPU only), with the Triton experts."""
     import torch.distributed as dist
 
     from moe.parallel.expert_parallel import AllToAllDispatcher
@@ -56,11 +57,12 @@ def _ep_case(rank: int, world: int, case: str, device: str, dropless: bool, regr
         gathers_rows = True
 
     cls = IndexExperts if regroup == "index" else GroupedExperts
-    local = cls(El, D, F, backend="triton" if regroup == "index" and device == "cuda" else "torch").to(dev := torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu"))
+    triton_experts = (regroup == "index" or comm == "p2p") and device == "cuda"
+    local = cls(El, D, F, backend="triton" if triton_experts else "torch").to(dev := torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu"))
     with torch.no_grad():
         for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
             getattr(local, name).copy_(getattr(full, name)[rank * El:(rank + 1) * El])
-    disp = AllToAllDispatcher(dist.group.WORLD, world, rank, E, layer_id=0)
+    disp = AllToAllDispatcher(dist.group.WORLD, world, rank, E, layer_id=0, comm=comm)
     outs, grads = [], []
     for step in range(2):
         idx = _routing(case, rank).to(dev)
@@ -100,10 +102,14 @@ def _reference(case: str, world: int):
     torch.cuda.device_count() < 2, reason="needs two GPUs"))])
 @pytest.mark.parametrize("case", ["idle_expert", "rank_sends_nothing_to_peer", "rank_receives_nothing",
                                   "all_to_one_expert"])
-@pytest.mark.parametrize("dropless,regroup", [(True, "copy"), (False, "copy"), (True, "index")])
-def test_edge_case_matches_one_process(case, device, dropless, regroup):
+@pytest.mark.parametrize("dropless,regroup,comm", [(True, "copy", "nccl"), (False, "copy", "nccl"),
+                                                   (True, "index", "nccl"), (True, "copy", "p2p")])
+def test_edge_case_matches_one_process(case, device, dropless, regroup, comm):
+    if comm == "p2p" and device != "cuda":
+        pytest.skip("the P2P transport needs GPUs (its kernels are tested on CPU in test_peer_dispatch.py)")
     world = 2
-    results = spawn(_ep_case, world, case, device, dropless, regroup, backend="nccl" if device == "cuda" else "gloo")
+    results = spawn(_ep_case, world, case, device, dropless, regroup, comm,
+                    backend="nccl" if device == "cuda" else "gloo")
     tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-4, atol=1e-5)
     ref_outs, ref_grads = _reference(case, world)
     El = E // world

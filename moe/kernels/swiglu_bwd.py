@@ -24,8 +24,9 @@ from moe.kernels._tiles import (
 
 @triton.autotune(
     configs=tile_configs(
-        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
-        wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1)], persistent=True,
+        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4, 1)],
+        wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1),
+              (128, 256, 64, 8, 4)], persistent=True,
     ),
     key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1)},
 )
@@ -127,7 +128,8 @@ def swiglu_bwd_rows(
 @triton.autotune(
     configs=tile_configs(
         [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
-        wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1)], persistent=True,
+        wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
+              (128, 256, 64, 8, 4)], persistent=True,
     ),
     key=["D", "F", "SCATTER"], reset_to_zero=["dx_ptr"],
     prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1)},
@@ -193,7 +195,8 @@ def dx_bwd(
 @triton.autotune(
     configs=tile_configs(
         [(128, 128, 64, 8, 5), (128, 256, 64, 8, 5), (128, 128, 64, 4, 5), (128, 128, 64, 8, 4)],
-        wide=[(128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 5)],
+        wide=[(128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 5), (64, 128, 64, 4, 3),
+              (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4)],
     ),
     key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("hc_ptr", 1, index_in_loop=True)},
 )
@@ -240,8 +243,10 @@ def dw_down_bwd(
 
 @triton.autotune(
     configs=tile_configs(
-        [(128, 128, 64, 8, 5), (128, 64, 64, 4, 4)],
-        wide=[(128, 64, 64, 4, 5), (128, 64, 128, 4, 3), (64, 128, 64, 4, 5), (128, 128, 64, 8, 4)],
+        [(128, 128, 64, 8, 5), (128, 64, 64, 4, 4), (64, 128, 32, 4, 4)],
+        wide=[(128, 64, 64, 4, 5), (128, 64, 128, 4, 3), (64, 128, 64, 4, 5), (128, 128, 64, 8, 4),
+              (64, 128, 64, 4, 3), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3),
+              (128, 128, 32, 8, 4), (64, 128, 32, 4, 4)],
     ),
     key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, index_in_loop=True)},
 )

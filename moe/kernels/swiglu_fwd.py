@@ -19,7 +19,8 @@ from moe.kernels._tiles import expert_blocks, locate_block, smem_prune, swizzle,
 @triton.autotune(
     configs=tile_configs(
         [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
-        wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2)], persistent=True,
+        wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 1),
+              (64, 256, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True,
     ),
     key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2)},
 )
@@ -77,7 +78,8 @@ def gate_up_fwd(
 @triton.autotune(
     configs=tile_configs(
         [(128, 256, 64, 8, 3), (64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4)],
-        wide=[(64, 128, 64, 4, 4), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1)], persistent=True,
+        wide=[(64, 128, 64, 4, 4), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
+              (128, 256, 64, 8, 4)], persistent=True,
     ),
     key=["D", "F", "SCATTER"], reset_to_zero=["out_ptr"],
     prune_configs_by={"early_config_prune": smem_prune("h_ptr", 1)},

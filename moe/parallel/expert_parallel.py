@@ -40,8 +40,14 @@ class TrafficRecord:
 
 class AllToAllDispatcher:
     def __init__(self, group: dist.ProcessGroup, ep: int, ep_rank: int, num_experts: int, layer_id: int,
-                 node_of_ep_rank: list[int] | None = None) -> None:
+                 node_of_ep_rank: list[int] | None = None, comm: str = "nccl",
+                 peer_buffers: dict | None = None) -> None:
         self.group = group
+        self.comm = comm
+        """`nccl`: all_to_all_single; `p2p`: dropless dispatch and combine read peers' symmetric buffers
+        (moe.parallel.peer_dispatch; one node, CUDA). The capacity path always uses NCCL."""
+        self.peer_buffers = {} if peer_buffers is None else peer_buffers
+        """(dtype, D) -> PeerBuffers, shared by the layers of one EP group."""
         self.ep = ep
         self.ep_rank = ep_rank
         self.num_experts = num_experts
@@ -108,6 +114,8 @@ class AllToAllDispatcher:
 
     def run(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
             keep_TK: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+        if self.comm == "p2p" and keep_TK is None:
+            return self._run_p2p(x_TD, expert_idx_TK, gate_TK, experts)
         plan = plan_local(expert_idx_TK, gate_TK, keep_TK, self.num_experts)
         # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
         wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
@@ -159,19 +167,67 @@ class AllToAllDispatcher:
                            lambda t: autograd_collective("ep", "all_to_all", f"combine, layer {self.layer_id}", t,
                                lambda u: all_to_all_single_autograd(u, send_splits, recv_splits, self.group)))
 
-        rec = self.traffic
-        bpr = x_TD.shape[-1] * x_send_SD.element_size()
-        self.traffic = TrafficRecord(matrix_RR if rec is None else rec.matrix_RR + matrix_RR, bpr)
+        self._record_traffic(matrix_RR, x_TD.shape[-1] * x_send_SD.element_size())
         if dropless:
             return combine_assignments(y_back, plan.assign_S, inv_S, gate_TK, out_dtype=x_TD.dtype)
         y_SD = y_back.to(x_TD.dtype) * plan.gate_S.to(x_TD.dtype).unsqueeze(-1)
         return x_TD.new_zeros(x_TD.shape).index_add(0, plan.row_idx_S, y_SD)
 
 
+    def _record_traffic(self, matrix_RR: torch.Tensor, bytes_per_row: int) -> None:
+        rec = self.traffic
+        self.traffic = TrafficRecord(matrix_RR if rec is None else rec.matrix_RR + matrix_RR, bytes_per_row)
+
+    def _run_p2p(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
+                 experts: GroupedExperts) -> torch.Tensor:
+        """Dropless dispatch and combine through symmetric buffers (moe.parallel.peer_dispatch)."""
+        from moe.parallel.peer_dispatch import PeerBuffers, PeerCombine, PeerDispatch, receive_layout, send_positions
+
+        plan = plan_local(expert_idx_TK, gate_TK, None, self.num_experts)
+        dev_type = x_TD.device.type
+        wire_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else x_TD.dtype
+        T, K = expert_idx_TK.shape
+        D = x_TD.shape[-1]
+        El = self.local_experts
+        all_counts_RE, _ = self._exchange_counts(plan.tokens_per_expert_E, lambda: None)
+        matrix_RR = all_counts_RE.view(self.ep, self.ep, El).sum(-1)
+        num_recv = int(matrix_RR[:, self.ep_rank].sum())
+        # Sizes from everyone's counts, so every rank asks for the same buffers (the growth is collective).
+        slots_R = all_counts_RE.sum(1)
+        key = (wire_dtype, D)
+        if key not in self.peer_buffers:
+            self.peer_buffers[key] = PeerBuffers(self.group, wire_dtype, D, x_TD.device)
+        bufs = self.peer_buffers[key]
+        bufs.ensure(-(-int(slots_R.max()) // K), int(slots_R.max()), int(matrix_RR.sum(0).max()))
+
+        counts_RE = all_counts_RE.to(x_TD.device)
+        src_N, slot_N, tokens_per_local_expert = receive_layout(counts_RE, self.ep_rank, El, num_recv)
+        rank_S, pos_S = send_positions(counts_RE, self.ep_rank, El, expert_idx_TK.reshape(-1)[plan.assign_S])
+        inv_S = inverse_permutation(plan.assign_S)
+        rank_TK, pos_TK = rank_S[inv_S].view(T, K), pos_S[inv_S].view(T, K)
+
+        x_recv = run_timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_TD.to(wire_dtype),
+                           lambda t: PeerDispatch.apply(t, bufs, plan.row_idx_S, src_N, slot_N, rank_TK, pos_TK))
+        self._record_spread(expert_idx_TK, None)
+        # Rows arrive grouped by local expert: the experts take them as they are.
+        y = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_recv,
+                      lambda t: experts(t, tokens_per_local_expert))
+        out = run_timed(self.timer, f"a2a_combine/layer_{self.layer_id}", y,
+                        lambda t: PeerCombine.apply(t, gate_TK, bufs, rank_TK, pos_TK, plan.row_idx_S, plan.assign_S,
+                                                    src_N, slot_N, x_TD.dtype))
+        self._record_traffic(matrix_RR, D * torch.empty((), dtype=wire_dtype).element_size())
+        return out
+
+
 def apply_expert_parallel(model: torch.nn.Module, group: dist.ProcessGroup, ep: int, ep_rank: int,
-                          node_of_rank: list[int], ep_group_ranks: list[int]) -> None:
+                          node_of_rank: list[int], ep_group_ranks: list[int], comm: str = "nccl") -> None:
     """Keep this rank's slice of every MoE layer's experts and route tokens through all-to-all."""
     node_of_ep_rank = [node_of_rank[r] for r in ep_group_ranks]
+    if comm == "p2p":  # checked before the first step: an error now, not a hang later
+        if dist.get_backend(group) != "nccl" or len(set(node_of_ep_rank)) > 1:
+            raise ValueError(f"comm='p2p' needs an NCCL EP group inside one node; this one spans nodes "
+                             f"{sorted(set(node_of_ep_rank))} on backend {dist.get_backend(group)}. Use comm='nccl'")
+    peer_buffers: dict = {}  # one set of symmetric buffers for all layers
     for layer_id, moe in model.moe_layers().items():
         E = moe.num_experts
         El = E // ep
@@ -180,7 +236,7 @@ def apply_expert_parallel(model: torch.nn.Module, group: dist.ProcessGroup, ep: 
             full = getattr(ex, name)
             setattr(ex, name, torch.nn.Parameter(full.detach()[ep_rank * El:(ep_rank + 1) * El].clone()))
         ex.num_experts = El
-        moe.dispatcher = AllToAllDispatcher(group, ep, ep_rank, E, layer_id, node_of_ep_rank)
+        moe.dispatcher = AllToAllDispatcher(group, ep, ep_rank, E, layer_id, node_of_ep_rank, comm, peer_buffers)
 
 
 def tie_router_groups_to_topology(model: torch.nn.Module, group_by: str, ep: int, node_of_ep_rank: list[int]) -> int | None:

@@ -1,0 +1,106 @@
+"""Row kernels that read other GPUs' memory directly: the all-to-all of the P2P expert dispatcher.
+
+Every EP rank holds the same symmetric buffers (moe.parallel.peer_dispatch); `*_ptrs_R` are int64 tensors
+with each rank's address of one buffer, so a program reads a row of rank s's buffer as a plain load over
+NVLink. The gather or the reduction that an NCCL all-to-all needs around it happens in the same pass as
+the transfer, so no send buffer is built and no received rows are copied again:
+
+    pull_rows     out[r] = X_s[IDX_s[slot_r]] (* GATE_s[slot_r]),  s = src_r
+                  optionally also DGATE_s[slot_r] = <X_s[IDX_s[slot_r]], y[r]>, stored on rank s
+    pull_reduce   out[t] = sum_k w[t, k] * Y_{rank[t, k]}[pos[t, k]]   (w = 1 when absent)
+
+Sums and dots run in fp32. On CPU the same kernels run under TRITON_INTERPRET=1 with the "ranks" being
+tensors of one process (the tests), since a pointer is just an address there too.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from moe.kernels._tiles import INTERPRET
+
+# Row chunk and warps per program; MOE_PEER_BD / MOE_PEER_WARPS were tried at 1024-4096 and 4-8 on two
+# H200s with no difference beyond noise (the transfer, not the kernel, sets the pace).
+_BD = 64 if INTERPRET else int(os.environ.get("MOE_PEER_BD", "1024"))
+_WARPS = int(os.environ.get("MOE_PEER_WARPS", "4"))
+
+
+@triton.jit
+def _pull_rows_kernel(x_ptrs, idx_ptrs, gate_ptrs, dgate_ptrs, src_ptr, slot_ptr, y_ptr, out_ptr, D,
+                      HAS_GATE: tl.constexpr, DOT: tl.constexpr, BD: tl.constexpr):
+    # One program per received row; it walks the row in BD chunks so the dot needs no second pass.
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.load(src_ptr + r)
+    slot = tl.load(slot_ptr + r).to(tl.int64)
+    idx_base = tl.load(idx_ptrs + s).to(tl.pointer_type(tl.int32))
+    tok = tl.load(idx_base + slot).to(tl.int64)
+    x_base = tl.load(x_ptrs + s).to(tl.pointer_type(out_ptr.dtype.element_ty))
+    if HAS_GATE:
+        g = tl.load(tl.load(gate_ptrs + s).to(tl.pointer_type(tl.float32)) + slot)
+    dot = tl.zeros([BD], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        offs = d0 + tl.arange(0, BD)
+        mask = offs < D
+        v = tl.load(x_base + tok * D + offs, mask=mask, other=0.0).to(tl.float32)
+        if DOT:
+            dot += v * tl.load(y_ptr + r * D + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            v = v * g
+        tl.store(out_ptr + r * D + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+    if DOT:
+        tl.store(tl.load(dgate_ptrs + s).to(tl.pointer_type(tl.float32)) + slot, tl.sum(dot, axis=0))
+
+
+@triton.jit
+def _pull_reduce_kernel(y_ptrs, rank_ptr, pos_ptr, w_ptr, like_ptr, out_ptr, D, K: tl.constexpr,
+                        HAS_W: tl.constexpr, BD: tl.constexpr):
+    # like_ptr: a tensor of the buffers' dtype, which may differ from the output's (bf16 rows, fp32 sums).
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = offs < D
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for k in tl.static_range(K):
+        p = tl.load(rank_ptr + t * K + k)
+        row = tl.load(pos_ptr + t * K + k).to(tl.int64)
+        base = tl.load(y_ptrs + p).to(tl.pointer_type(like_ptr.dtype.element_ty))
+        v = tl.load(base + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            v = v * tl.load(w_ptr + t * K + k).to(tl.float32)
+        acc += v
+    tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pull_rows(x_ptrs_R: torch.Tensor, idx_ptrs_R: torch.Tensor, src_N: torch.Tensor, slot_N: torch.Tensor,
+              out_ND: torch.Tensor, gate_ptrs_R: torch.Tensor | None = None,
+              dot_with_ND: torch.Tensor | None = None, dgate_ptrs_R: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill `out_ND` (its dtype is the buffers' dtype) with rank src[r]'s row IDX[slot[r]], times that
+    rank's GATE[slot[r]] when `gate_ptrs_R` is given; with `dot_with_ND`, also write
+    <unscaled row, dot_with_ND[r]> to DGATE[slot[r]] on rank src[r]."""
+    N, D = out_ND.shape
+    if N == 0 or D == 0:
+        return out_ND
+    dot = dot_with_ND is not None
+    dummy = x_ptrs_R
+    _pull_rows_kernel[(N,)](
+        x_ptrs_R, idx_ptrs_R, gate_ptrs_R if gate_ptrs_R is not None else dummy,
+        dgate_ptrs_R if dot else dummy, src_N.contiguous(), slot_N.contiguous(),
+        dot_with_ND.contiguous() if dot else out_ND, out_ND, D,
+        HAS_GATE=gate_ptrs_R is not None, DOT=dot, BD=_BD, num_warps=_WARPS)
+    return out_ND
+
+
+def pull_reduce(y_ptrs_R: torch.Tensor, buf_dtype: torch.dtype, rank_TK: torch.Tensor, pos_TK: torch.Tensor,
+                w_TK: torch.Tensor | None, out_TD: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k w[t, k] * (row pos[t, k] of rank rank[t, k]'s buffer of `buf_dtype`), in fp32."""
+    T, K = pos_TK.shape
+    D = out_TD.shape[1]
+    if T == 0 or D == 0:
+        return out_TD
+    w = w_TK.contiguous() if w_TK is not None else pos_TK
+    _pull_reduce_kernel[(T, triton.cdiv(D, _BD))](
+        y_ptrs_R, rank_TK.contiguous(), pos_TK.contiguous(), w, torch.empty(1, dtype=buf_dtype, device=out_TD.device),
+        out_TD, D, K=K, HAS_W=w_TK is not None, BD=_BD, num_warps=_WARPS)
+    return out_TD

@@ -1,0 +1,128 @@
+"""The P2P dispatcher's kernels and row layout, with the EP "ranks" simulated in one process.
+
+On CPU the kernels run in Triton's interpreter, where a peer's buffer is just another tensor's address,
+so the whole dispatch -> experts -> combine -> backward data path of moe.parallel.peer_dispatch is
+checked against plain torch here; the symmetric-memory plumbing (rendezvous, barriers) runs on two GPUs
+(tests/test_dispatch_edge_cases.py -k p2p, benchmarks/bench_a2a.py). Outputs are poisoned with NaN.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are imported
+pytest.importorskip("triton")
+
+from moe.kernels.peer_rows import pull_reduce, pull_rows  # noqa: E402
+from moe.model.dispatch import plan_local  # noqa: E402
+from moe.parallel.peer_dispatch import receive_layout, send_positions  # noqa: E402
+from moe.parallel.permute import inverse_permutation  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ptrs(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEV)
+
+
+def _nan(*shape: int) -> torch.Tensor:
+    return torch.full(shape, float("nan"), device=DEV)
+
+
+def _routing(case: str, R: int, El: int, T: int, K: int, gen: torch.Generator) -> list[torch.Tensor]:
+    E = R * El
+    out = []
+    for s in range(R):
+        if case == "random":
+            idx = torch.rand(T, E, generator=gen).topk(K, -1).indices
+        elif case == "idle_expert_and_rank":  # the last rank's experts get nothing from anyone
+            idx = torch.stack([(torch.arange(T) + j) % ((R - 1) * El) for j in range(K)], -1)
+        elif case == "sends_nothing_to_peers":  # every rank keeps its tokens home
+            idx = torch.stack([s * El + (torch.arange(T) + j) % El for j in range(K)], -1)
+        else:  # all_to_one_expert, top-1
+            idx = torch.zeros(T, K, dtype=torch.long)
+        out.append(idx.to(DEV))
+    return out
+
+
+@pytest.mark.parametrize("case,K", [("random", 3), ("idle_expert_and_rank", 2), ("sends_nothing_to_peers", 2),
+                                    ("all_to_one_expert", 1)])
+@pytest.mark.parametrize("R,El,T,D", [(2, 2, 9, 67), (3, 2, 7, 130)])
+def test_dispatch_combine_backward_match_torch(case, K, R, El, T, D):
+    gen = torch.Generator().manual_seed(R * 100 + T)
+    E = R * El
+    xs = [torch.randn(T, D, generator=gen).to(DEV) for _ in range(R)]
+    gates = [torch.rand(T, K, generator=gen).to(DEV) for _ in range(R)]
+    douts = [torch.randn(T, D, generator=gen).to(DEV) for _ in range(R)]
+    w_ED = torch.randn(E, D, generator=gen).to(DEV)  # "expert" e: y = x * w_ED[e]
+    idxs = _routing(case, R, El, T, K, gen)
+    plans = [plan_local(i, g, None, E) for i, g in zip(idxs, gates)]
+    counts_RE = torch.stack([p.tokens_per_expert_E for p in plans])
+
+    # Dispatch: senders publish x and the token of each slot; receivers pull.
+    X, IDX = [x.clone() for x in xs], [p.row_idx_S.to(torch.int32) for p in plans]
+    recv, ys = [], []
+    for p in range(R):
+        n = int(counts_RE[:, p * El:(p + 1) * El].sum())
+        src, slot, per_L = receive_layout(counts_RE, p, El, n)
+        x_recv = pull_rows(_ptrs(X), _ptrs(IDX), src, slot, _nan(n, D))
+        expected = torch.cat([xs[s][plans[s].row_idx_S[idxs[s].reshape(-1)[plans[s].assign_S] == p * El + j]]
+                              for j in range(El) for s in range(R)] + [x_recv[:0]])
+        assert torch.equal(x_recv, expected), f"receiver {p}: rows not in (local expert, source) order"
+        eid = torch.repeat_interleave(torch.arange(El, device=DEV) + p * El, per_L, output_size=n)
+        recv.append((src, slot, x_recv, eid))
+        ys.append((x_recv * w_ED[eid]).contiguous())
+
+    # Combine: senders pull K rows per token and sum them with the gates.
+    pos = []
+    for s in range(R):
+        rank_S, pos_S = send_positions(counts_RE, s, El, idxs[s].reshape(-1)[plans[s].assign_S])
+        inv = inverse_permutation(plans[s].assign_S)
+        rank_TK, pos_TK = rank_S[inv].view(T, K), pos_S[inv].view(T, K)
+        pos.append((rank_TK, pos_TK))
+        out = pull_reduce(_ptrs(ys), torch.float32, rank_TK, pos_TK, gates[s], _nan(T, D))
+        ref = (gates[s][..., None] * xs[s][:, None, :] * w_ED[idxs[s]]).sum(1)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+    # Combine backward: receivers pull dout * gate and write <dout, y> into the sender's DGATE.
+    DOUT = [d.clone() for d in douts]
+    GATE = [g.reshape(-1)[p.assign_S].contiguous() for g, p in zip(gates, plans)]
+    DGATE = [_nan(T * K) for _ in range(R)]
+    dys = []
+    for p in range(R):
+        src, slot, x_recv, eid = recv[p]
+        dys.append(pull_rows(_ptrs(DOUT), _ptrs(IDX), src, slot, _nan(x_recv.shape[0], D),
+                             gate_ptrs_R=_ptrs(GATE), dot_with_ND=ys[p], dgate_ptrs_R=_ptrs(DGATE)))
+    # Dispatch backward: senders pull and sum the gradients of their K received copies.
+    gs = [dy * w_ED[recv[p][3]] for p, dy in enumerate(dys)]
+    for s in range(R):
+        x = xs[s].clone().requires_grad_()
+        g = gates[s].clone().requires_grad_()
+        ref = (g[..., None] * x[:, None, :] * w_ED[idxs[s]]).sum(1)
+        ref_dx, ref_dg = torch.autograd.grad(ref, [x, g], douts[s])
+        dgate = torch.empty(T * K, device=DEV)
+        dgate[plans[s].assign_S] = DGATE[s]
+        torch.testing.assert_close(dgate.view(T, K), ref_dg, rtol=1e-5, atol=1e-5)
+        dx = pull_reduce(_ptrs(gs), torch.float32, *pos[s], None, _nan(T, D))
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_layout_is_caught():
+    """Negative control: the same comparison fails when the receiver reads its rows source-major."""
+    gen = torch.Generator().manual_seed(0)
+    R, El, T, K, D = 2, 2, 9, 2, 67
+    xs = [torch.randn(T, D, generator=gen).to(DEV) for _ in range(R)]
+    idxs = _routing("random", R, El, T, K, gen)
+    plans = [plan_local(i, torch.rand(T, K, device=DEV), None, R * El) for i in idxs]
+    counts_RE = torch.stack([p.tokens_per_expert_E for p in plans])
+    n = int(counts_RE[:, :El].sum())
+    src, slot, _ = receive_layout(counts_RE, 0, El, n)
+    # Swap the roles of expert and source in the order: stable sort by source.
+    order = torch.sort(src.long(), stable=True).indices
+    idx = [p.row_idx_S.to(torch.int32) for p in plans]  # kept alive: the kernels see only addresses
+    wrong = pull_rows(_ptrs(xs), _ptrs(idx), src[order], slot[order], _nan(n, D))
+    right = pull_rows(_ptrs(xs), _ptrs(idx), src, slot, _nan(n, D))
+    assert not torch.equal(wrong, right)
