@@ -38,6 +38,12 @@ class TrafficRecord:
     """Bytes of one token vector on the wire."""
 
 
+def _wire_dtype(x_TD: torch.Tensor) -> torch.dtype:
+    """Rows travel in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16."""
+    dev = x_TD.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x_TD.dtype
+
+
 class AllToAllDispatcher:
     def __init__(self, group: dist.ProcessGroup, ep: int, ep_rank: int, num_experts: int, layer_id: int,
                  node_of_ep_rank: list[int] | None = None, comm: str = "nccl",
@@ -117,8 +123,7 @@ class AllToAllDispatcher:
         if self.comm == "p2p" and keep_TK is None:
             return self._run_p2p(x_TD, expert_idx_TK, gate_TK, experts)
         plan = plan_local(expert_idx_TK, gate_TK, keep_TK, self.num_experts)
-        # Send in the compute dtype: under autocast the residual stream is fp32, the experts run in bf16.
-        wire_dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
+        wire_dtype = _wire_dtype(x_TD)
         dropless = keep_TK is None
         K = expert_idx_TK.shape[1]
         inv_S = inverse_permutation(plan.assign_S) if dropless else None
@@ -184,8 +189,7 @@ class AllToAllDispatcher:
         from moe.parallel.peer_dispatch import PeerBuffers, PeerCombine, PeerDispatch, receive_layout, send_positions
 
         plan = plan_local(expert_idx_TK, gate_TK, None, self.num_experts)
-        dev_type = x_TD.device.type
-        wire_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else x_TD.dtype
+        wire_dtype = _wire_dtype(x_TD)
         T, K = expert_idx_TK.shape
         D = x_TD.shape[-1]
         El = self.local_experts
