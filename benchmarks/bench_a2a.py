@@ -10,6 +10,10 @@ Triton kernel does; single-pass Triton combine), the same with copies and the to
 capacity path (keep mask). The baseline is two bare `all_to_all_single` calls with the same split
 sizes (dispatch + combine); with --backward also four (forward and backward).
 Bandwidth counts the bytes that cross ranks, per rank.
+
+With --expert-ffn F the experts are the Triton SwiGLU kernels, and a variant's data-movement time is
+its layer time less the experts' time alone on the same rows: the P2P path's experts write into the
+buffers peers read, which identity experts cannot show.
 """
 from __future__ import annotations
 
@@ -34,8 +38,9 @@ class IdentityExperts(torch.nn.Module):
         super().__init__()
         self.gathers_rows = gathers_rows
 
-    def forward(self, x, tokens_per_expert_E, *unused):
-        return x
+    def forward(self, x, tokens_per_expert_E, row_idx_S=None, gate_S=None, num_out_rows=None, **unused):
+        # The P2P path hands the experts the gates (they apply them; the combine only sums).
+        return x if gate_S is None else x * gate_S.to(x.dtype).unsqueeze(-1)
 
 
 def _time(fn, iters: int) -> float:
@@ -85,7 +90,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
         gate = torch.rand(T, K, device="cuda")
 
         def make(capacity: bool, gathers_rows: bool, kernels: str, comm: str, backward: bool):
-            experts = IdentityExperts(gathers_rows)
+            experts = real_experts if real_experts is not None else IdentityExperts(gathers_rows)
             keep = torch.ones_like(idx, dtype=torch.bool) if capacity else None
             xg = x.detach().requires_grad_(backward)
             gg = gate.detach().requires_grad_(backward)
@@ -94,9 +99,8 @@ def worker(rank: int, world: int, port: int, args) -> None:
                 permute.ROW_KERNELS = kernels
                 disp.comm = comm
                 out = disp.run(xg, idx, gg, keep, experts)
-                if backward:
-                    out.backward(torch.ones_like(out))
-                    xg.grad = gg.grad = None
+                if backward:  # grad, not backward: no accumulation into .grad to time
+                    torch.autograd.grad(out, [xg, gg, *experts.parameters()], torch.ones_like(out), allow_unused=True)
             return run
 
         # Same splits for the baseline: count rows per destination rank once, outside the timing.
@@ -116,12 +120,34 @@ def worker(rank: int, world: int, port: int, args) -> None:
                     dist.all_to_all_single(back, buf_out, send_l, recv_l)
             return run
 
+        real_experts = None
+        if args.expert_ffn:
+            from moe.model.dispatch import GroupedExperts
+
+            real_experts = GroupedExperts(E // world, D, args.expert_ffn, backend="triton").cuda().to(torch.bfloat16)
+            for w in real_experts.parameters():
+                w.data.normal_(0, D ** -0.5)
+            load_E = torch.bincount(idx.flatten(), minlength=E)
+            dist.all_reduce(load_E)
+            mine_L = load_E[rank * (E // world):(rank + 1) * (E // world)]
+            x_alone = torch.randn(int(mine_L.sum()), D, device="cuda", dtype=torch.bfloat16)
+            gate_alone = torch.rand(x_alone.shape[0], device="cuda")
+
+            def expert_alone(backward: bool):
+                def run():
+                    xa = x_alone.detach().requires_grad_(backward)
+                    ga = gate_alone.detach().requires_grad_(backward)
+                    y = real_experts(xa, mine_L, None, ga)
+                    if backward:
+                        torch.autograd.grad(y, [xa, ga, *real_experts.parameters()], torch.ones_like(y), allow_unused=True)
+                return run
+
         # The transports must agree before their times mean anything: output and both input gradients.
         got = {}
         for comm in ("nccl", "p2p"):
             disp.comm = comm
             xg, gg = x.detach().requires_grad_(), gate.detach().requires_grad_()
-            out = disp.run(xg, idx, gg, None, IdentityExperts(False))
+            out = disp.run(xg, idx, gg, None, real_experts if real_experts is not None else IdentityExperts(False))
             out.backward(torch.randn_like(out, generator=torch.Generator(device="cuda").manual_seed(7)))
             got[comm] = (out.detach().float(), xg.grad.float(), gg.grad.float())
         diffs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(got["p2p"], got["nccl"])]
@@ -132,9 +158,14 @@ def worker(rank: int, world: int, port: int, args) -> None:
             passes = 2 if backward else 1
             cross = (sum(send_l) - send_l[rank]) * row_bytes * 2 * passes
             t_bare = _time(bare(passes), args.iters)
+            # With real experts the data movement is the layer's time less the experts' own time on the
+            # same rows (contiguous, gated), measured alone on this rank.
+            t_exp = _time(expert_alone(backward), args.iters) if real_experts is not None else 0.0
+            if real_experts is not None and rank == 0:
+                print(f"# experts alone ({'fwd+bwd' if backward else 'fwd'}): {t_exp * 1e3:.3f} ms", flush=True)
             cells = []
             for _name, capacity, gathers_rows, kernels, comm in variants:
-                t = _time(make(capacity, gathers_rows, kernels, comm, backward), args.iters)
+                t = _time(make(capacity, gathers_rows, kernels, comm, backward), args.iters) - t_exp
                 cells.append(f"{cross / t / 1e9:.1f} | {t_bare / t:.3f}")
             if rank == 0:
                 print(f"| {cross / passes / 2 / 2**20:.0f} | {T} | {'fwd+bwd' if backward else 'fwd'} | "
@@ -167,6 +198,9 @@ def main() -> None:
     p.add_argument("--profile", default=None, choices=["nccl", "p2p"],
                    help="print the CUDA kernels of the dropless path with this transport")
     p.add_argument("--variants", default="", help="comma-separated substrings of the variant names to run")
+    p.add_argument("--expert-ffn", type=int, default=0,
+                   help="0: identity experts; F: Triton SwiGLU experts of intermediate size F, whose time alone "
+                        "(measured on the same rows) is subtracted from the layer's")
     args = p.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import socket

@@ -1,6 +1,7 @@
 """Train the same model and data on one GPU and on a multi-GPU layout; compare losses step by step.
 
     NCCL_NVLS_ENABLE=0 python benchmarks/compare_layouts_gpu.py --gpus 2 --dp 2 --ep 2 --steps 20
+    NCCL_NVLS_ENABLE=0 python benchmarks/compare_layouts_gpu.py --gpus 2 --dp 2 --ep 2 --ep-comm p2p --steps 20
     NCCL_NVLS_ENABLE=0 python benchmarks/compare_layouts_gpu.py --gpus 2 --dp 1 --ep 1 --pp 2 --steps 20
     NCCL_NVLS_ENABLE=0 python benchmarks/compare_layouts_gpu.py --gpus 2 --dp 1 --tp 2 --ep 1 --steps 20
 
@@ -43,11 +44,12 @@ def make_job(args, dp: int, ep: int, run_dir: str, pp: int = 1, tp: int = 1):
 
 
 def _child(rank: int, world: int, port: int, args, out_dir: str) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)  # each worker sees its own GPU as cuda:0, as under Ray
     from moe.train.worker import run_worker
 
     job = make_job(args, args.dp, args.ep, out_dir, pp=args.pp, tp=args.tp)
-    summary = run_worker(job, rank, world, "127.0.0.1", port)
+    job.parallel.ep_comm = args.ep_comm
+    # As the launcher does: every worker sees all GPUs of the node and uses the one of its rank.
+    summary = run_worker(job, rank, world, "127.0.0.1", port, local_device=rank)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(summary, f)
 
@@ -66,6 +68,7 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--ep-comm", default="nccl", choices=["nccl", "p2p"], help="parallel.ep_comm of the layout run")
     p.add_argument("--out", default="/tmp/compare_layouts")
     args = p.parse_args()
     if args.gpus != args.dp * args.tp * args.pp:
@@ -98,7 +101,8 @@ def main() -> None:
     tps_one = one["median_tokens_per_s"]
     tps_many = many["median_tokens_per_s"] / args.gpus
     print(f"max relative loss difference over {args.steps} steps: {worst:.3e}")
-    print(f"tokens/s per GPU: 1 GPU {tps_one:.0f}; dp={args.dp} tp={args.tp} ep={args.ep} pp={args.pp} on {args.gpus} GPUs "
+    print(f"tokens/s per GPU: 1 GPU {tps_one:.0f}; dp={args.dp} tp={args.tp} ep={args.ep} pp={args.pp} "
+          f"ep_comm={args.ep_comm} on {args.gpus} GPUs "
           f"{tps_many:.0f} (ratio {tps_many / tps_one:.3f}); median step after the first three")
     print(f"tokens/s in total: 1 GPU {tps_one:.0f}; {args.gpus} GPUs {many['median_tokens_per_s']:.0f} "
           f"(speed-up {many['median_tokens_per_s'] / tps_one:.2f}x)")

@@ -17,6 +17,7 @@ ENUMS: dict[str, tuple[str, ...]] = {
     "model.moe.router.score_func": ("sigmoid", "softmax"),
     "model.moe.router.drop_policy": ("probs", "position"),
     "model.moe.router.group_by": ("experts", "ep_ranks", "nodes"),
+    "parallel.ep_comm": ("nccl", "p2p"),
     "train.dtype": ("auto", "fp32", "bf16"),
     "data.source": ("stdlib", "synthetic", "file"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
@@ -185,6 +186,15 @@ def validate(job: JobConfig) -> None:
             p.append(f"parallel.ep={par.ep}: must divide model.moe.num_experts={moe.num_experts}")
     if par.timeout_s < 1:
         p.append(f"parallel.timeout_s={par.timeout_s}: must be >= 1")
+    if par.ep_comm == "p2p":
+        # Ranks read each other's GPU memory: only GPUs of one node can, and the launcher cannot check
+        # the node split of a cross-node EP group before it has placed the workers.
+        if not c.use_gpu:
+            p.append("parallel.ep_comm='p2p': reads peer GPUs' memory and needs cluster.use_gpu=true; "
+                     "use parallel.ep_comm=nccl on CPU")
+        if par.allow_cross_node_ep:
+            p.append("parallel.ep_comm='p2p': works only inside a node but parallel.allow_cross_node_ep=true lets EP "
+                     "groups span nodes; set parallel.allow_cross_node_ep=false or parallel.ep_comm=nccl")
     if c.num_workers < 1:
         p.append(f"cluster.num_workers={c.num_workers}: must be >= 1")
     if c.workers_per_node < 0:

@@ -17,7 +17,7 @@ from launcher import flight_recorder
 from launcher.placement import WorkerGroup
 from launcher.preflight import choose_nodes, read_cluster
 from launcher.supervisor import AttemptFailed, watch
-from launcher.topology import Layout, assign_ranks, build_placements, format_table, write_topology
+from launcher.topology import Layout, assign_ranks, build_placements, format_table, node_devices, write_topology
 from moe.config import ClusterConfig, JobConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -195,8 +195,9 @@ def _run_attempt(job: JobConfig, layout: Layout, attempt: int) -> dict[str, Any]
         master_addr = placements[0].node_ip
         master_port = ray.get(handles[0].free_port.remote())
         queue = Queue(actor_options={"num_cpus": 0})
+        devices = node_devices(ranked)
         refs = [h.run.remote(job, rank, layout.world, master_addr, master_port, node_of_rank,
-                             queue if rank == 0 else None, c.cpus_per_worker)
+                             queue if rank == 0 else None, c.cpus_per_worker, devices[rank])
                 for rank, h in enumerate(handles)]
         progress = Progress(job.logger.progress_bar, job.train.steps)
 

@@ -29,7 +29,7 @@ STARTUP_TIMEOUT_S = 120.0
 
 # Variables workers inherit through Ray's runtime environment. Secrets (WANDB_API_KEY) are left out on
 # purpose: wandb reads the key from the worker's own environment or netrc. CUDA_VISIBLE_DEVICES is left
-# out too: Ray sets it per actor to the GPU it assigned, and the driver's value would override that.
+# out too: Ray sets it per actor to the GPU it assigned; `TrainWorker.run` widens it to the node's GPUs.
 PASSTHROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_FR_", "WANDB_", "TRITON_", "GLOO_", "MOE_TEST_")
 SECRET_NAMES = ("WANDB_API_KEY",)
 
@@ -60,14 +60,21 @@ class TrainWorker:
             return s.getsockname()[1]
 
     def run(self, job, rank: int, world_size: int, master_addr: str, master_port: int,
-            node_of_rank: list[int], queue, threads: int) -> dict[str, Any]:
+            node_of_rank: list[int], queue, threads: int, devices: tuple[str, int] = ("", 0)) -> dict[str, Any]:
+        """`devices`: (CUDA_VISIBLE_DEVICES, index of this worker's GPU in it), from
+        `launcher.topology.node_devices`; set before CUDA starts in this process."""
         import torch
 
         from moe.train.worker import run_worker
 
+        visible, local_device = devices
+        if visible:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+            os.environ["LOCAL_RANK"] = str(local_device)  # DeviceMesh's device choice agrees with ours
         torch.set_num_threads(threads)  # the cores Ray reserved for this worker, not the whole node
         report = queue.put if queue is not None else None
-        return run_worker(job, rank, world_size, master_addr, master_port, node_of_rank, report)
+        return run_worker(job, rank, world_size, master_addr, master_port, node_of_rank, report,
+                          local_device=local_device)
 
 
 @dataclass

@@ -117,6 +117,25 @@ def assign_ranks(workers: list[WorkerInfo], preferred_nodes: list[str] | None = 
     return sorted(workers, key=lambda w: (order[w.node_id], _gpu_key(w)))
 
 
+def node_devices(ranked: list[WorkerInfo]) -> list[tuple[str, int]]:
+    """Per rank: the CUDA_VISIBLE_DEVICES its process should use (every GPU the job holds on its node,
+    in rank order) and the index of its own GPU in that list.
+
+    Ray shows each actor only the GPU it assigned. Showing a worker its node mates' GPUs too (as Ray
+    Train and torchrun do) lets them map each other's memory: the P2P expert dispatcher needs it, since
+    symmetric memory refuses ranks that all name their GPU cuda:0. Workers without GPUs get ("", 0).
+    """
+    on_node: dict[str, list[str]] = {}
+    for w in ranked:
+        ids = on_node.setdefault(w.node_id, [])
+        ids += [g for g in w.gpu_ids if g not in ids]
+    out = []
+    for w in ranked:
+        ids = on_node[w.node_id]
+        out.append((",".join(ids), ids.index(w.gpu_ids[0])) if w.gpu_ids else ("", 0))
+    return out
+
+
 def layout_problems(layout: Layout, workers_per_node: int, allow_cross_node_ep: bool) -> list[str]:
     """Why a node-contiguous layout with `workers_per_node` workers on every node cannot run ([] if it can)."""
     p: list[str] = []

@@ -19,16 +19,14 @@ def free_port() -> int:
 
 def _child(rank: int, world: int, port: int, job: JobConfig, node_of_rank, patch, queue) -> None:
     torch.set_num_threads(1)
-    if job.cluster.use_gpu:  # as Ray does: each worker sees only its own GPU (CUDA is not initialised yet)
-        import os
-
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
     try:
         if patch is not None:
             patch()
         from moe.train.worker import run_worker
 
-        queue.put((rank, pickle.dumps(run_worker(job, rank, world, "127.0.0.1", port, node_of_rank))))
+        # As the launcher does: every process sees all GPUs of the node and uses the one of its rank.
+        queue.put((rank, pickle.dumps(run_worker(job, rank, world, "127.0.0.1", port, node_of_rank,
+                                                 local_device=rank if job.cluster.use_gpu else 0))))
     except BaseException as e:  # report instead of hanging the parent
         import traceback
 

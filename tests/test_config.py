@@ -84,6 +84,10 @@ def test_plus_key_nested_is_refused():
         (["logger.alerts.saturation_factor=0.5"], r"logger\.alerts\.saturation_factor=0\.5: must be > 1"),
         (["logger.alerts.cooldown_steps=-1"], r"logger\.alerts\.cooldown_steps=-1: must be >= 0"),
         (["logger.plot_every=-2"], r"logger\.plot_every=-2: must be >= 0"),
+        (["parallel.ep_comm=nvshmem"], r"parallel\.ep_comm='nvshmem': must be one of \['nccl', 'p2p'\]"),
+        (["parallel.ep_comm=p2p"], r"parallel\.ep_comm='p2p': reads peer GPUs' memory and needs cluster\.use_gpu=true"),
+        (["parallel.ep_comm=p2p", "cluster.use_gpu=true", "parallel.allow_cross_node_ep=true"],
+         r"parallel\.ep_comm='p2p': works only inside a node"),
     ],
 )
 def test_cross_field_errors(overrides, pattern):

@@ -174,9 +174,13 @@ def _force_case_and_record_grads(case: str, out_dir: str) -> None:
     torch.cuda.device_count() < 2, reason="needs two GPUs"))])
 @pytest.mark.parametrize("case", ["idle_expert", "rank_sends_nothing_to_peer", "rank_receives_nothing",
                                   "all_to_one_expert"])
-def test_edge_case_trains_two_steps(tmp_path, case, device):
+@pytest.mark.parametrize("comm", ["nccl", "p2p"])
+def test_edge_case_trains_two_steps(tmp_path, case, device, comm):
     """Two whole training steps with ep=2: finite losses, every expert gradient present and finite, and
-    exactly zero for the experts no rank routed to (Adam's update must not see NaN)."""
+    exactly zero for the experts no rank routed to (Adam's update must not see NaN). `p2p`: the
+    symmetric-memory transport chosen by config (GPU only), through the same worker entry point."""
+    if comm == "p2p" and device != "cuda":
+        pytest.skip("the P2P transport needs GPUs")
     import functools
     import json
     import math
@@ -187,7 +191,7 @@ def test_edge_case_trains_two_steps(tmp_path, case, device):
     job = job_from(["model=deepseek_tiny", "data=synthetic", "logger.wandb.mode=disabled", "logger.progress_bar=false",
                     "train.steps=2", "train.global_batch_size=4", "train.micro_batch_size=2", "train.seq_len=16",
                     "train.eval_every=0", "parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2",
-                    f"cluster.use_gpu={device == 'cuda'}"])
+                    f"cluster.use_gpu={device == 'cuda'}", f"parallel.ep_comm={comm}"])
     job.run_dir = str(tmp_path)
     summaries = run_distributed(job, world=2, patch=functools.partial(_force_case_and_record_grads, case, str(tmp_path)))
     assert all(math.isfinite(x) for s in summaries for x in s["losses"] + s["grad_norms"])

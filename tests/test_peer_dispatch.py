@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are imported
 pytest.importorskip("triton")
 
-from moe.kernels.peer_rows import pull_reduce, pull_rows  # noqa: E402
+from moe.kernels.peer_rows import pull_reduce, pull_rows, push_values  # noqa: E402
 from moe.model.dispatch import plan_local  # noqa: E402
-from moe.parallel.peer_dispatch import receive_layout, send_positions  # noqa: E402
+from moe.parallel.peer_dispatch import PeerBuffers, receive_layout, send_positions  # noqa: E402
 from moe.parallel.permute import inverse_permutation  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,42 +62,46 @@ def test_dispatch_combine_backward_match_torch(case, K, R, El, T, D):
     plans = [plan_local(i, g, None, E) for i, g in zip(idxs, gates)]
     counts_RE = torch.stack([p.tokens_per_expert_E for p in plans])
 
-    # Dispatch: senders publish x and the token of each slot; receivers pull.
+    # Dispatch: senders publish x, the token of each slot and its gate; receivers pull rows and gates.
     X, IDX = [x.clone() for x in xs], [p.row_idx_S.to(torch.int32) for p in plans]
+    GATE = [g.reshape(-1)[p.assign_S].contiguous() for g, p in zip(gates, plans)]
     recv, ys = [], []
     for p in range(R):
         n = int(counts_RE[:, p * El:(p + 1) * El].sum())
         src, slot, per_L = receive_layout(counts_RE, p, El, n)
-        x_recv = pull_rows(_ptrs(X), _ptrs(IDX), src, slot, _nan(n, D))
-        expected = torch.cat([xs[s][plans[s].row_idx_S[idxs[s].reshape(-1)[plans[s].assign_S] == p * El + j]]
-                              for j in range(El) for s in range(R)] + [x_recv[:0]])
+        gate_N = _nan(n)
+        x_recv = pull_rows(_ptrs(X), _ptrs(IDX), src, slot, _nan(n, D), gate_ptrs_R=_ptrs(GATE), gate_out_N=gate_N)
+        picks = [(s, (idxs[s].reshape(-1)[plans[s].assign_S] == p * El + j).nonzero().flatten())
+                 for j in range(El) for s in range(R)]
+        expected = torch.cat([xs[s][plans[s].row_idx_S[k]] for s, k in picks] + [x_recv[:0]])
         assert torch.equal(x_recv, expected), f"receiver {p}: rows not in (local expert, source) order"
+        assert torch.equal(gate_N, torch.cat([GATE[s][k] for s, k in picks] + [gate_N[:0]]))
         eid = torch.repeat_interleave(torch.arange(El, device=DEV) + p * El, per_L, output_size=n)
-        recv.append((src, slot, x_recv, eid))
-        ys.append((x_recv * w_ED[eid]).contiguous())
+        recv.append((src, slot, x_recv, eid, gate_N))
+        ys.append((gate_N[:, None] * x_recv * w_ED[eid]).contiguous())  # the experts apply the gates
 
-    # Combine: senders pull K rows per token and sum them with the gates.
+    # Combine: senders pull their K rows per token and sum them.
     pos = []
     for s in range(R):
         rank_S, pos_S = send_positions(counts_RE, s, El, idxs[s].reshape(-1)[plans[s].assign_S])
         inv = inverse_permutation(plans[s].assign_S)
         rank_TK, pos_TK = rank_S[inv].view(T, K), pos_S[inv].view(T, K)
         pos.append((rank_TK, pos_TK))
-        out = pull_reduce(_ptrs(ys), torch.float32, rank_TK, pos_TK, gates[s], _nan(T, D))
+        out = pull_reduce(_ptrs(ys), torch.float32, rank_TK, pos_TK, _nan(T, D))
         ref = (gates[s][..., None] * xs[s][:, None, :] * w_ED[idxs[s]]).sum(1)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
-    # Combine backward: receivers pull dout * gate and write <dout, y> into the sender's DGATE.
+    # Combine backward: receivers pull dout rows; the experts' backward gives the input and gate
+    # gradients; the gate gradients are pushed into the senders' DGATE.
     DOUT = [d.clone() for d in douts]
-    GATE = [g.reshape(-1)[p.assign_S].contiguous() for g, p in zip(gates, plans)]
     DGATE = [_nan(T * K) for _ in range(R)]
-    dys = []
+    gs = []
     for p in range(R):
-        src, slot, x_recv, eid = recv[p]
-        dys.append(pull_rows(_ptrs(DOUT), _ptrs(IDX), src, slot, _nan(x_recv.shape[0], D),
-                             gate_ptrs_R=_ptrs(GATE), dot_with_ND=ys[p], dgate_ptrs_R=_ptrs(DGATE)))
+        src, slot, x_recv, eid, gate_N = recv[p]
+        dy = pull_rows(_ptrs(DOUT), _ptrs(IDX), src, slot, _nan(x_recv.shape[0], D))
+        push_values(_ptrs(DGATE), src, slot, (dy * x_recv * w_ED[eid]).sum(-1))
+        gs.append(gate_N[:, None] * dy * w_ED[eid])
     # Dispatch backward: senders pull and sum the gradients of their K received copies.
-    gs = [dy * w_ED[recv[p][3]] for p, dy in enumerate(dys)]
     for s in range(R):
         x = xs[s].clone().requires_grad_()
         g = gates[s].clone().requires_grad_()
@@ -106,7 +110,7 @@ def test_dispatch_combine_backward_match_torch(case, K, R, El, T, D):
         dgate = torch.empty(T * K, device=DEV)
         dgate[plans[s].assign_S] = DGATE[s]
         torch.testing.assert_close(dgate.view(T, K), ref_dg, rtol=1e-5, atol=1e-5)
-        dx = pull_reduce(_ptrs(gs), torch.float32, *pos[s], None, _nan(T, D))
+        dx = pull_reduce(_ptrs(gs), torch.float32, *pos[s], _nan(T, D))
         torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
 
 
@@ -126,3 +130,73 @@ def test_wrong_layout_is_caught():
     wrong = pull_rows(_ptrs(xs), _ptrs(idx), src[order], slot[order], _nan(n, D))
     right = pull_rows(_ptrs(xs), _ptrs(idx), src, slot, _nan(n, D))
     assert not torch.equal(wrong, right)
+
+
+class _OneRankBuffers(PeerBuffers):
+    """PeerBuffers for an EP group of one process on CPU: plain NaN-filled tensors instead of symmetric
+    memory and a no-op barrier, so the autograd functions and the experts' in-place writes run here."""
+
+    def ensure(self, t_rows: int, slots: int, r_rows: int) -> None:
+        if t_rows <= self.caps[0] and slots <= self.caps[1] and r_rows <= self.caps[2]:
+            return
+        self.x = torch.full((t_rows, self.D), float("nan"), dtype=self.dtype, device=self.device)
+        self.idx = torch.zeros(slots, dtype=torch.int32, device=self.device)
+        self.gate, self.dgate = _nan(slots), _nan(slots)
+        self.y = torch.full((r_rows, self.D), float("nan"), dtype=self.dtype, device=self.device)
+        for name in ("x", "idx", "gate", "dgate", "y"):
+            setattr(self, f"{name}_ptrs", _ptrs([getattr(self, name)]))
+        self.caps = (t_rows, slots, r_rows)
+
+    def barrier(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_p2p_autograd_path_matches_local_dispatch(backend, monkeypatch):
+    """The whole p2p layer (PeerDispatch -> experts with gates -> PeerCombine, and backward) with one
+    rank against the local dispatcher: output, x, gate and expert-weight gradients. The Triton experts
+    must write their output and the input gradient straight into the Y buffer (no copy)."""
+    import torch.distributed as dist
+
+    import moe.kernels.grouped_swiglu as gs
+    import moe.parallel.peer_dispatch as pd
+    from moe.model.dispatch import GroupedExperts, LocalDispatcher
+    from moe.parallel.expert_parallel import AllToAllDispatcher
+    from tests.dist_utils import free_port
+
+    monkeypatch.setattr(gs, "POISON_BUFFERS", True)
+    published = []
+    real_publish = pd._publish
+    monkeypatch.setattr(pd, "_publish", lambda buf, rows: (published.append(rows.data_ptr() == buf.data_ptr()),
+                                                           real_publish(buf, rows)))
+    gen = torch.Generator().manual_seed(5)
+    E, D, F, T, K = 5, 67, 24, 11, 2
+    experts = GroupedExperts(E, D, F, backend=backend)
+    for w in experts.parameters():
+        w.data.copy_(torch.randn(w.shape, generator=gen) * 0.2)
+    experts = experts.to(DEV)
+    ref_experts = GroupedExperts(E, D, F, backend="torch").to(DEV)
+    ref_experts.load_state_dict(experts.state_dict())
+    x = torch.randn(T, D, generator=gen).to(DEV)
+    gate = torch.rand(T, K, generator=gen).to(DEV)
+    idx = (torch.rand(T, E - 1, generator=gen).topk(K, -1).indices).to(DEV)  # expert E-1 idle
+    dout = torch.randn(T, D, generator=gen).to(DEV)
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        disp = AllToAllDispatcher(dist.group.WORLD, 1, 0, E, layer_id=0, comm="p2p")
+        disp.peer_buffers[(torch.float32, D)] = _OneRankBuffers(None, torch.float32, D, torch.device(DEV))
+        results = []
+        for d, ex in ((disp, experts), (LocalDispatcher(), ref_experts)):
+            xg, gg = x.clone().requires_grad_(), gate.clone().requires_grad_()
+            out = d.run(xg, idx, gg, None, ex)
+            grads = torch.autograd.grad(out, [xg, gg, *ex.parameters()], dout)
+            results.append((out.detach(), *grads))
+    finally:
+        dist.destroy_process_group()
+    for name, a, b in zip(["out", "dx", "dgate", "dw_gate", "dw_up", "dw_down"], *results):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert results[0][5][E - 1].abs().sum() == 0  # the idle expert: zero gradient, not NaN
+    # Two publishes of Y: the expert output (forward) and the expert-input gradient (backward).
+    assert published == ([True, True] if backend == "triton" else [False, False])

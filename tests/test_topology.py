@@ -15,7 +15,7 @@ import pytest
 from launcher.preflight import NodeSlots, ResourceError, choose_nodes
 from launcher.topology import (
     GROUP_KINDS, Layout, TopologyError, WorkerInfo, assign_ranks, assumed_placements, build_placements,
-    layout_problems,
+    layout_problems, node_devices,
 )
 from moe.parallel.mesh import ParallelContext
 
@@ -117,6 +117,19 @@ def test_ranks_follow_node_then_gpu_order_not_report_order():
         assert [p.gpu_id for p in mine] == [str(g) for g in range(8)]
         assert len({p.node_id for p in mine}) == 1
     assert all(p.node_ip == "10.0.0.1" for p in placements)  # one IP for all: grouping used node ids
+
+
+def test_workers_see_their_node_mates_gpus_and_pick_their_own():
+    # Ray handed out GPUs 5 and 2 on node a, 0 and 7 on node b, reported in scrambled order.
+    workers = [WorkerInfo("b", "2", ["7"], 0), WorkerInfo("a", "1", ["5"], 1),
+               WorkerInfo("b", "2", ["0"], 2), WorkerInfo("a", "1", ["2"], 3)]
+    ranked = assign_ranks(workers)
+    assert [(w.node_id, w.gpu_ids[0]) for w in ranked] == [("a", "2"), ("a", "5"), ("b", "0"), ("b", "7")]
+    devices = node_devices(ranked)
+    assert devices == [("2,5", 0), ("2,5", 1), ("0,7", 0), ("0,7", 1)]
+    for w, (visible, index) in zip(ranked, devices):
+        assert visible.split(",")[index] == w.gpu_ids[0]  # each rank still drives the GPU Ray gave it
+    assert node_devices([WorkerInfo("a", "1", [], 0), WorkerInfo("a", "1", [], 1)]) == [("", 0), ("", 0)]
 
 
 def test_preferred_node_order_is_kept():

@@ -14,6 +14,7 @@ deterministic across runs, like index_add.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import triton
@@ -81,6 +82,8 @@ class GroupedSwiGLU(torch.autograd.Function):
         row_idx_S: torch.Tensor | None,
         gate_S: torch.Tensor | None,
         num_out_rows: int,
+        out_buf: torch.Tensor | None,
+        grad_x_buf: Callable[[int], torch.Tensor] | None,
     ) -> torch.Tensor:
         E, D, F = w_gate_EDF.shape
         gather = row_idx_S is not None
@@ -104,7 +107,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             # Accumulator for the scatter-add (top-k rows meet in one token row).
             out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
         else:
-            out = _empty(S, D, dtype=dt, device=dev)
+            out = out_buf if out_buf is not None else _empty(S, D, dtype=dt, device=dev)
         down_fwd[_row_grid(S, E, D, progs)](
             h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if gather else dummy,
             counts_E, out, E, D, F, out.shape[0],
@@ -115,6 +118,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         del h_SF
         if save:
             ctx.save_for_backward(x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF)
+            ctx.grad_x_buf = grad_x_buf
         return out
 
     @staticmethod
@@ -174,7 +178,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             if gather:
                 dx = torch.zeros(x.shape[0], D, dtype=_scatter_dtype(dt), device=dev)
             else:
-                dx = _empty(x.shape[0], D, dtype=dt, device=dev)
+                dx = ctx.grad_x_buf(x.shape[0]) if ctx.grad_x_buf is not None else _empty(x.shape[0], D, dtype=dt, device=dev)
             dx_bwd[_row_grid(S, E, D, progs)](
                 dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if gather else dummy, counts_E, dx, E, D, F, dx.shape[0],
                 SCATTER=gather, E_POW2=e_pow2, DOT_PREC=prec,
@@ -185,7 +189,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         d_gate = None
         if has_gate and ctx.needs_input_grad[6]:
             d_gate = dgate32_S.to(gate_S.dtype)
-        return dx, d_wg, d_wu, d_wd, None, None, d_gate, None
+        return dx, d_wg, d_wu, d_wd, None, None, d_gate, None, None, None
 
 
 def triton_routed_experts(
@@ -197,8 +201,15 @@ def triton_routed_experts(
     row_idx_S: torch.Tensor | None = None,
     gate_S: torch.Tensor | None = None,
     num_out_rows: int | None = None,
+    out: torch.Tensor | None = None,
+    grad_x_out: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Same contract and result as `routed_experts(..., backend="torch")`; see moe/model/experts.py."""
+    """Same contract and result as `routed_experts(..., backend="torch")`; see moe/model/experts.py.
+
+    Without `row_idx_S` the result rows are written into `out` when it is given (contiguous [S, D] in
+    the compute dtype), and the gradient of x into `grad_x_out(S)`: the P2P dispatcher passes its
+    symmetric buffers, so peers read the rows where the kernels wrote them.
+    """
     dev = x.device
     if dev.type != "cuda" and not INTERPRET:
         raise RuntimeError("the triton expert backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
@@ -218,4 +229,7 @@ def triton_routed_experts(
         return torch.zeros(out_rows, x.shape[1], dtype=dt, device=dev) + keep
     idx = row_idx_S.to(torch.int32).contiguous() if gather else None
     gate = gate_S.contiguous() if gate_S is not None else None
-    return GroupedSwiGLU.apply(x_c, wg, wu, wd, counts_E, idx, gate, out_rows)
+    if gather or (out is not None and (out.shape != (S, x.shape[1]) or out.dtype != dt or not out.is_contiguous())):
+        out = None  # not a buffer this launch can write: the caller copies
+    return GroupedSwiGLU.apply(x_c, wg, wu, wd, counts_E, idx, gate, out_rows, out,
+                               None if gather or x_c is not x else grad_x_out)

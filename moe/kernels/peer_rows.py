@@ -5,11 +5,11 @@ with each rank's address of one buffer, so a program reads a row of rank s's buf
 NVLink. The gather or the reduction that an NCCL all-to-all needs around it happens in the same pass as
 the transfer, so no send buffer is built and no received rows are copied again:
 
-    pull_rows     out[r] = X_s[IDX_s[slot_r]] (* GATE_s[slot_r]),  s = src_r
-                  optionally also DGATE_s[slot_r] = <X_s[IDX_s[slot_r]], y[r]>, stored on rank s
-    pull_reduce   out[t] = sum_k w[t, k] * Y_{rank[t, k]}[pos[t, k]]   (w = 1 when absent)
+    pull_rows     out[r] = X_s[IDX_s[slot_r]],  s = src_r;  optionally also gate_out[r] = GATE_s[slot_r]
+    push_values   V_s[slot_r] = v[r]  (the gate gradients back to the ranks that own the gates)
+    pull_reduce   out[t] = sum_k Y_{rank[t, k]}[pos[t, k]]
 
-Sums and dots run in fp32. On CPU the same kernels run under TRITON_INTERPRET=1 with the "ranks" being
+Sums run in fp32. On CPU the same kernels run under TRITON_INTERPRET=1 with the "ranks" being
 tensors of one process (the tests), since a pointer is just an address there too.
 """
 from __future__ import annotations
@@ -29,34 +29,35 @@ _WARPS = int(os.environ.get("MOE_PEER_WARPS", "4"))
 
 
 @triton.jit
-def _pull_rows_kernel(x_ptrs, idx_ptrs, gate_ptrs, dgate_ptrs, src_ptr, slot_ptr, y_ptr, out_ptr, D,
-                      HAS_GATE: tl.constexpr, DOT: tl.constexpr, BD: tl.constexpr):
-    # One program per received row; it walks the row in BD chunks so the dot needs no second pass.
+def _pull_rows_kernel(x_ptrs, idx_ptrs, gate_ptrs, src_ptr, slot_ptr, out_ptr, gate_out_ptr, D,
+                      GATE_OUT: tl.constexpr, BD: tl.constexpr):
+    # One program per received row, walking it in BD chunks.
     r = tl.program_id(0).to(tl.int64)
     s = tl.load(src_ptr + r)
     slot = tl.load(slot_ptr + r).to(tl.int64)
     idx_base = tl.load(idx_ptrs + s).to(tl.pointer_type(tl.int32))
     tok = tl.load(idx_base + slot).to(tl.int64)
     x_base = tl.load(x_ptrs + s).to(tl.pointer_type(out_ptr.dtype.element_ty))
-    if HAS_GATE:
-        g = tl.load(tl.load(gate_ptrs + s).to(tl.pointer_type(tl.float32)) + slot)
-    dot = tl.zeros([BD], dtype=tl.float32)
+    if GATE_OUT:
+        tl.store(gate_out_ptr + r, tl.load(tl.load(gate_ptrs + s).to(tl.pointer_type(tl.float32)) + slot))
     for d0 in range(0, D, BD):
         offs = d0 + tl.arange(0, BD)
         mask = offs < D
-        v = tl.load(x_base + tok * D + offs, mask=mask, other=0.0).to(tl.float32)
-        if DOT:
-            dot += v * tl.load(y_ptr + r * D + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            v = v * g
-        tl.store(out_ptr + r * D + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
-    if DOT:
-        tl.store(tl.load(dgate_ptrs + s).to(tl.pointer_type(tl.float32)) + slot, tl.sum(dot, axis=0))
+        tl.store(out_ptr + r * D + offs, tl.load(x_base + tok * D + offs, mask=mask), mask=mask)
 
 
 @triton.jit
-def _pull_reduce_kernel(y_ptrs, rank_ptr, pos_ptr, w_ptr, like_ptr, out_ptr, D, K: tl.constexpr,
-                        HAS_W: tl.constexpr, BD: tl.constexpr):
+def _push_values_kernel(v_ptrs, src_ptr, slot_ptr, val_ptr, N, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = r < N
+    s = tl.load(src_ptr + r, mask=mask, other=0)
+    slot = tl.load(slot_ptr + r, mask=mask, other=0).to(tl.int64)
+    base = tl.load(v_ptrs + s, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    tl.store(base + slot, tl.load(val_ptr + r, mask=mask, other=0.0).to(tl.float32), mask=mask)
+
+
+@triton.jit
+def _pull_reduce_kernel(y_ptrs, rank_ptr, pos_ptr, like_ptr, out_ptr, D, K: tl.constexpr, BD: tl.constexpr):
     # like_ptr: a tensor of the buffers' dtype, which may differ from the output's (bf16 rows, fp32 sums).
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -66,41 +67,42 @@ def _pull_reduce_kernel(y_ptrs, rank_ptr, pos_ptr, w_ptr, like_ptr, out_ptr, D, 
         p = tl.load(rank_ptr + t * K + k)
         row = tl.load(pos_ptr + t * K + k).to(tl.int64)
         base = tl.load(y_ptrs + p).to(tl.pointer_type(like_ptr.dtype.element_ty))
-        v = tl.load(base + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_W:
-            v = v * tl.load(w_ptr + t * K + k).to(tl.float32)
-        acc += v
+        acc += tl.load(base + row * D + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def pull_rows(x_ptrs_R: torch.Tensor, idx_ptrs_R: torch.Tensor, src_N: torch.Tensor, slot_N: torch.Tensor,
               out_ND: torch.Tensor, gate_ptrs_R: torch.Tensor | None = None,
-              dot_with_ND: torch.Tensor | None = None, dgate_ptrs_R: torch.Tensor | None = None) -> torch.Tensor:
-    """Fill `out_ND` (its dtype is the buffers' dtype) with rank src[r]'s row IDX[slot[r]], times that
-    rank's GATE[slot[r]] when `gate_ptrs_R` is given; with `dot_with_ND`, also write
-    <unscaled row, dot_with_ND[r]> to DGATE[slot[r]] on rank src[r]."""
+              gate_out_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill `out_ND` (its dtype is the buffers' dtype) with rank src[r]'s row IDX[slot[r]]; with
+    `gate_ptrs_R`, also `gate_out_N[r]` (fp32) with that rank's GATE[slot[r]]."""
     N, D = out_ND.shape
-    if N == 0 or D == 0:
+    if N == 0:
         return out_ND
-    dot = dot_with_ND is not None
-    dummy = x_ptrs_R
+    gate_out = gate_ptrs_R is not None
     _pull_rows_kernel[(N,)](
-        x_ptrs_R, idx_ptrs_R, gate_ptrs_R if gate_ptrs_R is not None else dummy,
-        dgate_ptrs_R if dot else dummy, src_N.contiguous(), slot_N.contiguous(),
-        dot_with_ND.contiguous() if dot else out_ND, out_ND, D,
-        HAS_GATE=gate_ptrs_R is not None, DOT=dot, BD=_BD, num_warps=_WARPS)
+        x_ptrs_R, idx_ptrs_R, gate_ptrs_R if gate_out else x_ptrs_R, src_N.contiguous(), slot_N.contiguous(),
+        out_ND, gate_out_N if gate_out else out_ND, D, GATE_OUT=gate_out, BD=_BD, num_warps=_WARPS)
     return out_ND
 
 
+def push_values(v_ptrs_R: torch.Tensor, src_N: torch.Tensor, slot_N: torch.Tensor, val_N: torch.Tensor) -> None:
+    """V[slot[r]] = val[r] on rank src[r], for fp32 buffers V."""
+    N = val_N.numel()
+    if N == 0:
+        return
+    _push_values_kernel[(triton.cdiv(N, 1024),)](v_ptrs_R, src_N.contiguous(), slot_N.contiguous(),
+                                                 val_N.contiguous(), N, BLOCK=1024)
+
+
 def pull_reduce(y_ptrs_R: torch.Tensor, buf_dtype: torch.dtype, rank_TK: torch.Tensor, pos_TK: torch.Tensor,
-                w_TK: torch.Tensor | None, out_TD: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_k w[t, k] * (row pos[t, k] of rank rank[t, k]'s buffer of `buf_dtype`), in fp32."""
+                out_TD: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k (row pos[t, k] of rank rank[t, k]'s buffer of `buf_dtype`), in fp32."""
     T, K = pos_TK.shape
     D = out_TD.shape[1]
     if T == 0 or D == 0:
         return out_TD
-    w = w_TK.contiguous() if w_TK is not None else pos_TK
     _pull_reduce_kernel[(T, triton.cdiv(D, _BD))](
-        y_ptrs_R, rank_TK.contiguous(), pos_TK.contiguous(), w, torch.empty(1, dtype=buf_dtype, device=out_TD.device),
-        out_TD, D, K=K, HAS_W=w_TK is not None, BD=_BD, num_warps=_WARPS)
+        y_ptrs_R, rank_TK.contiguous(), pos_TK.contiguous(), torch.empty(1, dtype=buf_dtype, device=out_TD.device),
+        out_TD, D, K=K, BD=_BD, num_warps=_WARPS)
     return out_TD

@@ -7,6 +7,7 @@ dispatcher for expert parallelism implements the same `run` contract.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -83,8 +84,10 @@ class GroupedExperts(torch.nn.Module):
         row_idx_S: torch.Tensor | None = None,
         gate_S: torch.Tensor | None = None,
         num_out_rows: int | None = None,
+        out: torch.Tensor | None = None,
+        grad_x_out: Callable[[int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         return routed_experts(
             x, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, tokens_per_expert_E,
-            row_idx_S, gate_S, num_out_rows, backend=self.backend,
+            row_idx_S, gate_S, num_out_rows, backend=self.backend, out=out, grad_x_out=grad_x_out,
         )

@@ -12,6 +12,8 @@ Two input modes share one signature so that the fused kernel can skip the permut
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -88,13 +90,18 @@ def routed_experts(
     gate_S: torch.Tensor | None = None,
     num_out_rows: int | None = None,
     backend: str = "torch",
+    out: torch.Tensor | None = None,
+    grad_x_out: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Apply each expert's SwiGLU FFN to its rows; see the module docstring for the two modes."""
+    """Apply each expert's SwiGLU FFN to its rows; see the module docstring for the two modes.
+
+    `out` / `grad_x_out(rows)`: where the result and the gradient of x may be written (hints, honoured
+    by the triton backend without `row_idx_S`; callers check where the result landed)."""
     if backend == "triton":
         from moe.kernels import triton_routed_experts
 
         return triton_routed_experts(
-            x, w_gate_EDF, w_up_EDF, w_down_EFD, tokens_per_expert_E, row_idx_S, gate_S, num_out_rows
+            x, w_gate_EDF, w_up_EDF, w_down_EFD, tokens_per_expert_E, row_idx_S, gate_S, num_out_rows, out, grad_x_out
         )
     fn = _grouped_mm if backend == "grouped_mm" else _torch_loop
 

@@ -210,15 +210,17 @@ class AllToAllDispatcher:
         inv_S = inverse_permutation(plan.assign_S)
         rank_TK, pos_TK = rank_S[inv_S].view(T, K), pos_S[inv_S].view(T, K)
 
-        x_recv = run_timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_TD.to(wire_dtype),
-                           lambda t: PeerDispatch.apply(t, bufs, plan.row_idx_S, src_N, slot_N, rank_TK, pos_TK))
+        x_recv, gate_N = run_timed(
+            self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_TD.to(wire_dtype),
+            lambda t: PeerDispatch.apply(t, gate_TK, bufs, plan.row_idx_S, plan.assign_S, src_N, slot_N, rank_TK, pos_TK))
         self._record_spread(expert_idx_TK, None)
-        # Rows arrive grouped by local expert: the experts take them as they are.
+        # Rows arrive grouped by local expert: the experts take them as they are, apply the gates, and
+        # (Triton) write their output, and in backward the input gradient, into the Y buffer peers read.
         y = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_recv,
-                      lambda t: experts(t, tokens_per_local_expert))
+                      lambda t: experts(t, tokens_per_local_expert, None, gate_N, None,
+                                        out=bufs.y[:num_recv], grad_x_out=lambda n: bufs.y[:n]))
         out = run_timed(self.timer, f"a2a_combine/layer_{self.layer_id}", y,
-                        lambda t: PeerCombine.apply(t, gate_TK, bufs, rank_TK, pos_TK, plan.row_idx_S, plan.assign_S,
-                                                    src_N, slot_N, x_TD.dtype))
+                        lambda t: PeerCombine.apply(t, bufs, rank_TK, pos_TK, plan.row_idx_S, src_N, slot_N, x_TD.dtype))
         self._record_traffic(matrix_RR, D * torch.empty((), dtype=wire_dtype).element_size())
         return out
 

@@ -5,29 +5,28 @@ and reducing what comes back, every EP rank publishes its rows in a symmetric bu
 (torch.distributed._symmetric_memory) and the other side pulls exactly the rows it needs with the
 gather or the gate-weighted reduction fused into the same pass (moe.kernels.peer_rows):
 
-    dispatch   sender: x -> X buffer, token of each slot -> IDX      receiver: pull rows, grouped by
-               local expert then source rank (what the grouped expert kernels want: no regroup)
-    combine    receiver: expert output -> Y buffer                    sender: pull K rows per token,
-               gate-weighted sum
-    backward   the same two moves the other way round; the gate gradient <dout, y> is computed where y
-               lives and written straight into the sender's DGATE buffer.
+    dispatch   sender: x -> X, token of each slot -> IDX, its gate -> GATE     receiver: pull rows and
+               gates, grouped by local expert then source rank (what the grouped expert kernels want)
+    experts    apply the gates; the Triton kernels write their output straight into Y (`out=`)
+    combine    sender: pull K rows per token from the receivers' Y and sum them
+    backward   the same moves the other way round: the receivers pull dout rows; the experts write the
+               input gradient into Y and the gate gradient is pushed into the sender's DGATE.
 
 Buffers are shared by every MoE layer (the ops run one after another on one stream) and grow
 collectively: every rank derives the sizes from the all-gathered counts, so all ask for the same.
 A barrier separates "published" from "pulled" and "pulled" from "may overwrite". The counts still
 travel by NCCL with one host sync (the received row count sizes the expert input).
 
-Each process must see every GPU of its node under distinct device indices (torch's symmetric memory
-refuses ranks that all call their GPU cuda:0). The Ray launcher gives each worker only its own GPU, so
-training through `python -m launcher` keeps the NCCL transport; benchmarks/bench_a2a.py and the GPU
-tests start one process per GPU with all GPUs visible.
+Chosen with `parallel.ep_comm=p2p`. Each process must see every GPU of its node under distinct device
+indices (torch's symmetric memory refuses ranks that all call their GPU cuda:0): the launcher shows
+each worker all of the job's GPUs on its node (launcher.topology.node_devices), as torchrun does.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from moe.kernels.peer_rows import pull_reduce, pull_rows
+from moe.kernels.peer_rows import pull_reduce, pull_rows, push_values
 
 
 def receive_layout(counts_RE: torch.Tensor, me: int, local_experts: int, num_rows: int
@@ -122,66 +121,82 @@ class PeerBuffers:
         self.handle.barrier(channel=0)
 
 
+def _publish(buf_rows: torch.Tensor, rows_ND: torch.Tensor) -> None:
+    """Put rows into a symmetric buffer, unless the kernel that made them already wrote them there."""
+    n = rows_ND.shape[0]
+    if n and rows_ND.data_ptr() != buf_rows.data_ptr():
+        buf_rows[:n].copy_(rows_ND)
+
+
 class PeerDispatch(torch.autograd.Function):
-    """x rows [T, D] -> rows received by this rank [N, D] in (local expert, source) order."""
+    """x rows [T, D] and gates [T, K] -> rows received by this rank [N, D] in (local expert, source)
+    order, and their gates [N] (fp32): the experts apply the gates, so the combine is a plain sum."""
 
     @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, bufs: PeerBuffers, row_idx_S: torch.Tensor, src_N: torch.Tensor,
-                slot_N: torch.Tensor, rank_TK: torch.Tensor, pos_TK: torch.Tensor) -> torch.Tensor:
-        T = x_TD.shape[0]
+    def forward(ctx, x_TD: torch.Tensor, gate_TK: torch.Tensor, bufs: PeerBuffers, row_idx_S: torch.Tensor,
+                assign_S: torch.Tensor, src_N: torch.Tensor, slot_N: torch.Tensor, rank_TK: torch.Tensor,
+                pos_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T, S, N = x_TD.shape[0], row_idx_S.numel(), src_N.numel()
         bufs.x[:T].copy_(x_TD)
-        bufs.idx[:row_idx_S.numel()].copy_(row_idx_S)
+        bufs.idx[:S].copy_(row_idx_S)
+        bufs.gate[:S].copy_(gate_TK.reshape(-1)[assign_S])
         bufs.barrier()
+        gate_N = torch.empty(N, dtype=torch.float32, device=x_TD.device)
         out_ND = pull_rows(bufs.x_ptrs, bufs.idx_ptrs, src_N, slot_N,
-                           torch.empty(src_N.numel(), bufs.D, dtype=bufs.dtype, device=x_TD.device))
-        bufs.barrier()  # peers have read our X and IDX: they may be overwritten
-        ctx.bufs, ctx.x_dtype = bufs, x_TD.dtype
-        ctx.save_for_backward(rank_TK, pos_TK)
-        return out_ND
+                           torch.empty(N, bufs.D, dtype=bufs.dtype, device=x_TD.device),
+                           gate_ptrs_R=bufs.gate_ptrs, gate_out_N=gate_N)
+        bufs.barrier()  # peers have read our X, IDX and GATE: they may be overwritten
+        ctx.bufs, ctx.x_dtype, ctx.gate_dtype = bufs, x_TD.dtype, gate_TK.dtype
+        ctx.save_for_backward(rank_TK, pos_TK, assign_S, src_N, slot_N)
+        return out_ND, gate_N
 
     @staticmethod
-    def backward(ctx, g_ND: torch.Tensor):
+    def backward(ctx, g_ND: torch.Tensor, dgate_N: torch.Tensor | None):
         bufs = ctx.bufs
-        rank_TK, pos_TK = ctx.saved_tensors
-        bufs.y[:g_ND.shape[0]].copy_(g_ND)
+        rank_TK, pos_TK, assign_S, src_N, slot_N = ctx.saved_tensors
+        T, K = rank_TK.shape
+        dev = rank_TK.device
+        # The Triton experts wrote the input gradient into Y already (grad_x_out); others are copied.
+        _publish(bufs.y, g_ND)
+        if dgate_N is not None:  # each gate's gradient goes back to the rank that owns the gate
+            push_values(bufs.dgate_ptrs, src_N, slot_N, dgate_N)
         bufs.barrier()
-        dx_TD = pull_reduce(bufs.y_ptrs, bufs.dtype, rank_TK, pos_TK, None,
-                            torch.empty(rank_TK.shape[0], bufs.D, dtype=ctx.x_dtype, device=g_ND.device))
-        bufs.barrier()
-        return dx_TD, None, None, None, None, None, None
+        dx_TD = pull_reduce(bufs.y_ptrs, bufs.dtype, rank_TK, pos_TK,
+                            torch.empty(T, bufs.D, dtype=ctx.x_dtype, device=dev))
+        dgate_TK = None
+        if dgate_N is not None:
+            dgate_flat = torch.empty(T * K, dtype=torch.float32, device=dev)
+            dgate_flat[assign_S] = bufs.dgate[:assign_S.numel()]
+            dgate_TK = dgate_flat.view(T, K).to(ctx.gate_dtype)
+        bufs.barrier()  # peers have read our Y and we our DGATE
+        return dx_TD, dgate_TK, None, None, None, None, None, None, None
 
 
 class PeerCombine(torch.autograd.Function):
-    """Expert outputs [N, D] on the receivers -> sum_k gate[t, k] * y(t, k) [T, D] on the senders."""
+    """Gate-weighted expert outputs [N, D] on the receivers -> sum over each token's K rows [T, D] on
+    the senders."""
 
     @staticmethod
-    def forward(ctx, y_ND: torch.Tensor, gate_TK: torch.Tensor, bufs: PeerBuffers, rank_TK: torch.Tensor,
-                pos_TK: torch.Tensor, row_idx_S: torch.Tensor, assign_S: torch.Tensor, src_N: torch.Tensor,
-                slot_N: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        bufs.y[:y_ND.shape[0]].copy_(y_ND)
+    def forward(ctx, y_ND: torch.Tensor, bufs: PeerBuffers, rank_TK: torch.Tensor, pos_TK: torch.Tensor,
+                row_idx_S: torch.Tensor, src_N: torch.Tensor, slot_N: torch.Tensor, out_dtype: torch.dtype
+                ) -> torch.Tensor:
+        _publish(bufs.y, y_ND)  # the Triton experts wrote y into Y already (out=)
         bufs.barrier()
-        out_TD = pull_reduce(bufs.y_ptrs, bufs.dtype, rank_TK, pos_TK, gate_TK,
-                             torch.empty(gate_TK.shape[0], bufs.D, dtype=out_dtype, device=y_ND.device))
+        out_TD = pull_reduce(bufs.y_ptrs, bufs.dtype, rank_TK, pos_TK,
+                             torch.empty(rank_TK.shape[0], bufs.D, dtype=out_dtype, device=y_ND.device))
         bufs.barrier()
-        ctx.bufs = bufs
-        ctx.save_for_backward(y_ND, gate_TK, row_idx_S, assign_S, src_N, slot_N)
+        ctx.bufs, ctx.y_dtype = bufs, y_ND.dtype
+        ctx.save_for_backward(row_idx_S, src_N, slot_N)
         return out_TD
 
     @staticmethod
     def backward(ctx, dout_TD: torch.Tensor):
         bufs = ctx.bufs
-        y_ND, gate_TK, row_idx_S, assign_S, src_N, slot_N = ctx.saved_tensors
-        T, K = gate_TK.shape
-        S = row_idx_S.numel()
-        bufs.x[:T].copy_(dout_TD)
-        bufs.idx[:S].copy_(row_idx_S)
-        bufs.gate[:S].copy_(gate_TK.reshape(-1)[assign_S])
+        row_idx_S, src_N, slot_N = ctx.saved_tensors
+        bufs.x[:dout_TD.shape[0]].copy_(dout_TD)
+        bufs.idx[:row_idx_S.numel()].copy_(row_idx_S)
         bufs.barrier()
         dy_ND = pull_rows(bufs.x_ptrs, bufs.idx_ptrs, src_N, slot_N,
-                          torch.empty(y_ND.shape[0], bufs.D, dtype=bufs.dtype, device=y_ND.device),
-                          gate_ptrs_R=bufs.gate_ptrs, dot_with_ND=y_ND, dgate_ptrs_R=bufs.dgate_ptrs)
-        bufs.barrier()  # every receiver has written our DGATE
-        dgate_flat = torch.empty(T * K, dtype=torch.float32, device=dout_TD.device)
-        dgate_flat[assign_S] = bufs.dgate[:S]
-        return (dy_ND.to(y_ND.dtype), dgate_flat.view(T, K).to(gate_TK.dtype),
-                None, None, None, None, None, None, None, None)
+                          torch.empty(src_N.numel(), bufs.D, dtype=bufs.dtype, device=dout_TD.device))
+        bufs.barrier()
+        return dy_ND.to(ctx.y_dtype), None, None, None, None, None, None, None

@@ -148,7 +148,8 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         moe.force_balanced_routing = t.force_balanced_routing
         moe.router.global_group = ctx.group("routing") if ctx.dp * ctx.tp > 1 else None
     if ctx.ep > 1:
-        apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"))
+        apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"),
+                              comm=job.parallel.ep_comm)
     # Dense part sharded over tp, sequence-parallel residual stream (moe/parallel/tensor_parallel.py). After
     # the stage cut under pp: each stage shards only what it holds, over its own tp group.
     if ctx.tp > 1:

@@ -116,9 +116,13 @@ def timed(timer: RegionTimer | None, region: str):
     return None if timer is None else timer.span(region)
 
 
-def run_timed(timer: RegionTimer | None, region: str, x: torch.Tensor, fn) -> torch.Tensor:
-    """`fn(x)` between `region`'s start and end marks (forward and backward); plain `fn(x)` when off."""
+def run_timed(timer: RegionTimer | None, region: str, x: torch.Tensor, fn):
+    """`fn(x)` between `region`'s start and end marks (forward and backward); plain `fn(x)` when off.
+    Where `fn` returns a tuple, the marks go on its first tensor."""
     span = timed(timer, region)
     if span is None:
         return fn(x)
-    return span.exit(fn(span.enter(x)))
+    out = fn(span.enter(x))
+    if isinstance(out, tuple):
+        return (span.exit(out[0]), *out[1:])
+    return span.exit(out)

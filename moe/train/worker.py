@@ -39,8 +39,10 @@ def describe_collective_failure(e: BaseException, rank: int, ctx: ParallelContex
 
 
 def run_worker(job: JobConfig, rank: int, world_size: int, master_addr: str, master_port: int,
-               node_of_rank: list[int] | None = None, report: Report | None = None) -> dict[str, Any]:
-    """Rendezvous at rank 0's address, then train. NCCL on GPUs, gloo on CPU."""
+               node_of_rank: list[int] | None = None, report: Report | None = None,
+               local_device: int = 0) -> dict[str, Any]:
+    """Rendezvous at rank 0's address, then train. NCCL on GPUs, gloo on CPU. `local_device`: this
+    rank's GPU among those the process sees (the launcher shows each worker all of its node's GPUs)."""
     faults.arm(job.run_dir, rank)
     inflight.reset()
     ctx: ParallelContext | None = None
@@ -49,7 +51,7 @@ def run_worker(job: JobConfig, rank: int, world_size: int, master_addr: str, mas
         os.environ["MASTER_PORT"] = str(master_port)
         backend = "nccl" if job.cluster.use_gpu else "gloo"
         if job.cluster.use_gpu:
-            torch.cuda.set_device(0)  # Ray (or CUDA_VISIBLE_DEVICES) shows each worker its own GPU as 0
+            torch.cuda.set_device(local_device)
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=job.parallel.timeout_s))
     try:
