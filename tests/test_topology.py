@@ -6,6 +6,7 @@ definition itself (world ranks reshaped to (pp, dp, tp) and (pp, edp, ep)).
 """
 from __future__ import annotations
 
+import os
 import random
 import uuid
 
@@ -130,6 +131,35 @@ def test_workers_see_their_node_mates_gpus_and_pick_their_own():
     for w, (visible, index) in zip(ranked, devices):
         assert visible.split(",")[index] == w.gpu_ids[0]  # each rank still drives the GPU Ray gave it
     assert node_devices([WorkerInfo("a", "1", [], 0), WorkerInfo("a", "1", [], 1)]) == [("", 0), ("", 0)]
+
+
+def test_worker_process_takes_the_visible_devices_before_cuda_starts(monkeypatch):
+    """TrainWorker.run widens CUDA_VISIBLE_DEVICES to the node's GPUs and trains on its own index."""
+    import moe.train.worker as worker_mod
+    from launcher.placement import TrainWorker
+
+    seen = {}
+
+    def fake_run_worker(job, rank, world, addr, port, node_of_rank, report, local_device=0):
+        seen.update(visible=os.environ.get("CUDA_VISIBLE_DEVICES"), local=os.environ.get("LOCAL_RANK"),
+                    local_device=local_device)
+        return {}
+
+    import torch
+
+    monkeypatch.setattr(worker_mod, "run_worker", fake_run_worker)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # what Ray set for this actor
+    monkeypatch.setenv("LOCAL_RANK", "0")  # so that monkeypatch restores the variable afterwards
+    threads = torch.get_num_threads()
+    try:
+        TrainWorker().run(None, 1, 2, "127.0.0.1", 0, [0, 0], None, threads, devices=("2,5", 1))
+        assert seen == {"visible": "2,5", "local": "1", "local_device": 1}
+        seen.clear()
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU workers: nothing is touched
+        TrainWorker().run(None, 0, 1, "127.0.0.1", 0, [0], None, threads)
+        assert seen["visible"] == "" and seen["local_device"] == 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_preferred_node_order_is_kept():
