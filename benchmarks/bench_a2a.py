@@ -38,9 +38,32 @@ class IdentityExperts(torch.nn.Module):
         super().__init__()
         self.gathers_rows = gathers_rows
 
-    def forward(self, x, tokens_per_expert_E, row_idx_S=None, gate_S=None, num_out_rows=None, **unused):
-        # The P2P path hands the experts the gates (they apply them; the combine only sums).
-        return x if gate_S is None else x * gate_S.to(x.dtype).unsqueeze(-1)
+    def forward(self, x, tokens_per_expert_E, row_idx_S=None, gate_S=None, num_out_rows=None, out=None, **unused):
+        # The P2P path hands the experts the gates (they apply them; the combine only sums) and a buffer
+        # for their output. Writing x * gate there is one pass over the rows that the NCCL path's
+        # identity does not pay, so the P2P figures are conservative; a real expert writes its output
+        # anyway (see --expert-ffn).
+        if gate_S is None:
+            return x
+        if out is None:
+            return x * gate_S.to(x.dtype).unsqueeze(-1)
+        return _GatedCopy.apply(x, gate_S, out)
+
+
+class _GatedCopy(torch.autograd.Function):
+    """out = x * gate, written into the given buffer (the identity expert of the P2P path)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, out):
+        torch.mul(x, gate.to(x.dtype).unsqueeze(-1), out=out)
+        ctx.save_for_backward(x, gate)
+        return out  # an unmarked input comes back as a view of it: same memory, this function's grad
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, gate = ctx.saved_tensors
+        dgate = (dout.float() * x.float()).sum(-1).to(gate.dtype)
+        return dout * gate.to(dout.dtype).unsqueeze(-1), dgate, None
 
 
 def _time(fn, iters: int) -> float:
