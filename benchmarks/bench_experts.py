@@ -166,7 +166,13 @@ def profile_kernels(name: str, s: Shape, backends: list[str], device) -> None:
             torch.cuda.synchronize()
         evs = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
         total = sum(e.device_time_total for e in evs) / reps / 1e3
-        print(f"# profile {name} {backend}: {total:.3f} ms of kernels per fwd+bwd", flush=True)
+        # Span from the first kernel's start to the last one's end: what the GPU was not busy for is
+        # launch gaps or waits (the same run, so clocks cannot explain a difference).
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
+        span = (max(b for _, b in spans) - min(a for a, _ in spans)) / reps / 1e3 if spans else float("nan")
+        print(f"# profile {name} {backend}: {total:.3f} ms of kernels per fwd+bwd, first-to-last span "
+              f"{span:.3f} ms (GPU idle {span - total:.3f} ms)", flush=True)
         for e in evs[:12]:
             print(f"#   {e.device_time_total / reps / 1e3:8.3f} ms  x{e.count // reps:<3d} {e.key[:90]}", flush=True)
 
