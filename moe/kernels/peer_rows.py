@@ -26,12 +26,15 @@ from moe.kernels._tiles import INTERPRET
 # H200s with no difference beyond noise (the transfer, not the kernel, sets the pace).
 _BD = 64 if INTERPRET else int(os.environ.get("MOE_PEER_BD", "1024"))
 _WARPS = int(os.environ.get("MOE_PEER_WARPS", "4"))
+# MOE_PEER_UNROLL=0 walks a pulled row chunk by chunk (the earlier kernel), for comparison.
+_UNROLL = os.environ.get("MOE_PEER_UNROLL", "1") == "1"
 
 
 @triton.jit
-def _pull_rows_kernel(x_ptrs, idx_ptrs, gate_ptrs, src_ptr, slot_ptr, out_ptr, gate_out_ptr, D,
-                      GATE_OUT: tl.constexpr, BD: tl.constexpr):
-    # One program per received row, walking it in BD chunks.
+def _pull_rows_kernel(x_ptrs, idx_ptrs, gate_ptrs, src_ptr, slot_ptr, out_ptr, gate_out_ptr, D: tl.constexpr,
+                      GATE_OUT: tl.constexpr, BD: tl.constexpr, UNROLL: tl.constexpr):
+    # One program per received row, walking it in BD chunks. Unrolled (D is a compile-time constant),
+    # every chunk's load can be in flight at once instead of one round trip over NVLink per chunk.
     r = tl.program_id(0).to(tl.int64)
     s = tl.load(src_ptr + r)
     slot = tl.load(slot_ptr + r).to(tl.int64)
@@ -40,10 +43,16 @@ def _pull_rows_kernel(x_ptrs, idx_ptrs, gate_ptrs, src_ptr, slot_ptr, out_ptr, g
     x_base = tl.load(x_ptrs + s).to(tl.pointer_type(out_ptr.dtype.element_ty))
     if GATE_OUT:
         tl.store(gate_out_ptr + r, tl.load(tl.load(gate_ptrs + s).to(tl.pointer_type(tl.float32)) + slot))
-    for d0 in range(0, D, BD):
-        offs = d0 + tl.arange(0, BD)
-        mask = offs < D
-        tl.store(out_ptr + r * D + offs, tl.load(x_base + tok * D + offs, mask=mask), mask=mask)
+    if UNROLL:
+        for d0 in tl.static_range(0, D, BD):
+            offs = d0 + tl.arange(0, BD)
+            mask = offs < D
+            tl.store(out_ptr + r * D + offs, tl.load(x_base + tok * D + offs, mask=mask), mask=mask)
+    else:
+        for d0 in range(0, D, BD):
+            offs = d0 + tl.arange(0, BD)
+            mask = offs < D
+            tl.store(out_ptr + r * D + offs, tl.load(x_base + tok * D + offs, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -82,7 +91,7 @@ def pull_rows(x_ptrs_R: torch.Tensor, idx_ptrs_R: torch.Tensor, src_N: torch.Ten
     gate_out = gate_ptrs_R is not None
     _pull_rows_kernel[(N,)](
         x_ptrs_R, idx_ptrs_R, gate_ptrs_R if gate_out else x_ptrs_R, src_N.contiguous(), slot_N.contiguous(),
-        out_ND, gate_out_N if gate_out else out_ND, D, GATE_OUT=gate_out, BD=_BD, num_warps=_WARPS)
+        out_ND, gate_out_N if gate_out else out_ND, D, GATE_OUT=gate_out, BD=_BD, UNROLL=_UNROLL, num_warps=_WARPS)
     return out_ND
 
 
