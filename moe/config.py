@@ -117,8 +117,7 @@ class ParallelConfig:
     """Permit EP groups that span nodes (all-to-all over the network)."""
     ep_comm: str = "nccl"
     """How dispatch and combine move token rows: `nccl` (all_to_all_single) or `p2p` (ranks read each
-    other's symmetric-memory buffers over NVLink; GPUs, EP groups inside one node, dropless routing;
-    the capacity path keeps NCCL)."""
+    other's symmetric-memory buffers over NVLink; GPUs, EP groups inside one node)."""
     timeout_s: int = 600
     """Timeout of every process group, in seconds."""
 

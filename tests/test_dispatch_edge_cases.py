@@ -103,7 +103,8 @@ def _reference(case: str, world: int):
 @pytest.mark.parametrize("case", ["idle_expert", "rank_sends_nothing_to_peer", "rank_receives_nothing",
                                   "all_to_one_expert"])
 @pytest.mark.parametrize("dropless,regroup,comm", [(True, "copy", "nccl"), (False, "copy", "nccl"),
-                                                   (True, "index", "nccl"), (True, "copy", "p2p")])
+                                                   (True, "index", "nccl"), (True, "copy", "p2p"),
+                                                   (False, "copy", "p2p")])
 def test_edge_case_matches_one_process(case, device, dropless, regroup, comm):
     if comm == "p2p" and device != "cuda":
         pytest.skip("the P2P transport needs GPUs (its kernels are tested on CPU in test_peer_dispatch.py)")

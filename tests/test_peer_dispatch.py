@@ -151,11 +151,12 @@ class _OneRankBuffers(PeerBuffers):
         pass
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_p2p_autograd_path_matches_local_dispatch(backend, monkeypatch):
+@pytest.mark.parametrize("backend,capacity", [("triton", False), ("torch", False), ("triton", True)])
+def test_p2p_autograd_path_matches_local_dispatch(backend, capacity, monkeypatch):
     """The whole p2p layer (PeerDispatch -> experts with gates -> PeerCombine, and backward) with one
-    rank against the local dispatcher: output, x, gate and expert-weight gradients. The Triton experts
-    must write their output and the input gradient straight into the Y buffer (no copy)."""
+    rank against the local dispatcher: output, x, gate and expert-weight gradients, dropless and with a
+    keep mask (dropped assignments add nothing and get zero gate gradient). The Triton experts must
+    write their output and the input gradient straight into the Y buffer (no copy)."""
     import torch.distributed as dist
 
     import moe.kernels.grouped_swiglu as gs
@@ -181,6 +182,7 @@ def test_p2p_autograd_path_matches_local_dispatch(backend, monkeypatch):
     gate = torch.rand(T, K, generator=gen).to(DEV)
     idx = (torch.rand(T, E - 1, generator=gen).topk(K, -1).indices).to(DEV)  # expert E-1 idle
     dout = torch.randn(T, D, generator=gen).to(DEV)
+    keep = (torch.rand(T, K, generator=gen) > 0.3).to(DEV) if capacity else None
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
@@ -189,7 +191,7 @@ def test_p2p_autograd_path_matches_local_dispatch(backend, monkeypatch):
         results = []
         for d, ex in ((disp, experts), (LocalDispatcher(), ref_experts)):
             xg, gg = x.clone().requires_grad_(), gate.clone().requires_grad_()
-            out = d.run(xg, idx, gg, None, ex)
+            out = d.run(xg, idx, gg, keep, ex)
             grads = torch.autograd.grad(out, [xg, gg, *ex.parameters()], dout)
             results.append((out.detach(), *grads))
     finally:
@@ -198,5 +200,7 @@ def test_p2p_autograd_path_matches_local_dispatch(backend, monkeypatch):
         assert torch.isfinite(a).all(), name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
     assert results[0][5][E - 1].abs().sum() == 0  # the idle expert: zero gradient, not NaN
+    if capacity:
+        assert (~keep).any() and (results[0][2][~keep] == 0).all()
     # Two publishes of Y: the expert output (forward) and the expert-input gradient (backward).
     assert published == ([True, True] if backend == "triton" else [False, False])

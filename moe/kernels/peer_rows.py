@@ -7,7 +7,7 @@ the transfer, so no send buffer is built and no received rows are copied again:
 
     pull_rows     out[r] = X_s[IDX_s[slot_r]],  s = src_r;  optionally also gate_out[r] = GATE_s[slot_r]
     push_values   V_s[slot_r] = v[r]  (the gate gradients back to the ranks that own the gates)
-    pull_reduce   out[t] = sum_k Y_{rank[t, k]}[pos[t, k]]
+    pull_reduce   out[t] = sum_k Y_{rank[t, k]}[pos[t, k]]   (pos = -1: a dropped assignment, skipped)
 
 Sums run in fp32. On CPU the same kernels run under TRITON_INTERPRET=1 with the "ranks" being
 tensors of one process (the tests), since a pointer is just an address there too.
@@ -74,9 +74,10 @@ def _pull_reduce_kernel(y_ptrs, rank_ptr, pos_ptr, like_ptr, out_ptr, D, K: tl.c
     acc = tl.zeros([BD], dtype=tl.float32)
     for k in tl.static_range(K):
         p = tl.load(rank_ptr + t * K + k)
-        row = tl.load(pos_ptr + t * K + k).to(tl.int64)
-        base = tl.load(y_ptrs + p).to(tl.pointer_type(like_ptr.dtype.element_ty))
-        acc += tl.load(base + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+        row = tl.load(pos_ptr + t * K + k).to(tl.int64)  # -1: a dropped assignment adds nothing
+        base = tl.load(y_ptrs + tl.maximum(p, 0)).to(tl.pointer_type(like_ptr.dtype.element_ty))
+        live = mask & ((offs * 0 + row) >= 0)  # as a vector: the interpreter rejects vector & scalar masks
+        acc += tl.load(base + row * D + offs, mask=live, other=0.0).to(tl.float32)
     tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -106,7 +107,7 @@ def push_values(v_ptrs_R: torch.Tensor, src_N: torch.Tensor, slot_N: torch.Tenso
 
 def pull_reduce(y_ptrs_R: torch.Tensor, buf_dtype: torch.dtype, rank_TK: torch.Tensor, pos_TK: torch.Tensor,
                 out_TD: torch.Tensor) -> torch.Tensor:
-    """out[t] = sum_k (row pos[t, k] of rank rank[t, k]'s buffer of `buf_dtype`), in fp32."""
+    """out[t] = sum_k (row pos[t, k] of rank rank[t, k]'s buffer of `buf_dtype`), in fp32; pos -1 is skipped."""
     T, K = pos_TK.shape
     D = out_TD.shape[1]
     if T == 0 or D == 0:

@@ -50,8 +50,8 @@ class AllToAllDispatcher:
                  peer_buffers: dict | None = None) -> None:
         self.group = group
         self.comm = comm
-        """`nccl`: all_to_all_single; `p2p`: dropless dispatch and combine read peers' symmetric buffers
-        (moe.parallel.peer_dispatch; one node, CUDA). The capacity path always uses NCCL."""
+        """`nccl`: all_to_all_single; `p2p`: dispatch and combine read peers' symmetric buffers
+        (moe.parallel.peer_dispatch; one node, CUDA)."""
         self.peer_buffers = {} if peer_buffers is None else peer_buffers
         """(dtype, D) -> PeerBuffers, shared by the layers of one EP group."""
         self.ep = ep
@@ -120,8 +120,8 @@ class AllToAllDispatcher:
 
     def run(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
             keep_TK: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
-        if self.comm == "p2p" and keep_TK is None:
-            return self._run_p2p(x_TD, expert_idx_TK, gate_TK, experts)
+        if self.comm == "p2p":
+            return self._run_p2p(x_TD, expert_idx_TK, gate_TK, keep_TK, experts)
         plan = plan_local(expert_idx_TK, gate_TK, keep_TK, self.num_experts)
         wire_dtype = _wire_dtype(x_TD)
         dropless = keep_TK is None
@@ -184,36 +184,45 @@ class AllToAllDispatcher:
         self.traffic = TrafficRecord(matrix_RR if rec is None else rec.matrix_RR + matrix_RR, bytes_per_row)
 
     def _run_p2p(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
-                 experts: GroupedExperts) -> torch.Tensor:
-        """Dropless dispatch and combine through symmetric buffers (moe.parallel.peer_dispatch)."""
+                 keep_TK: torch.Tensor | None, experts: GroupedExperts) -> torch.Tensor:
+        """Dispatch and combine through symmetric buffers (moe.parallel.peer_dispatch); with a keep mask
+        (capacity) only kept assignments travel and the dropped ones add nothing to the combine."""
         from moe.parallel.peer_dispatch import PeerBuffers, PeerCombine, PeerDispatch, receive_layout, send_positions
 
-        plan = plan_local(expert_idx_TK, gate_TK, None, self.num_experts)
+        plan = plan_local(expert_idx_TK, gate_TK, keep_TK, self.num_experts)
         wire_dtype = _wire_dtype(x_TD)
         T, K = expert_idx_TK.shape
         D = x_TD.shape[-1]
         El = self.local_experts
-        all_counts_RE, _ = self._exchange_counts(plan.tokens_per_expert_E, lambda: None)
+        # The token count rides along as one more column: with drops it is not slots / K, and every
+        # rank must size the shared buffers from the same numbers (their growth is collective).
+        counts_with_T = torch.cat([plan.tokens_per_expert_E, plan.tokens_per_expert_E.new_full((1,), T)])
+        all_counts_RE, _ = self._exchange_counts(counts_with_T, lambda: None)
+        tokens_R, all_counts_RE = all_counts_RE[:, -1], all_counts_RE[:, :-1].contiguous()
         matrix_RR = all_counts_RE.view(self.ep, self.ep, El).sum(-1)
         num_recv = int(matrix_RR[:, self.ep_rank].sum())
-        # Sizes from everyone's counts, so every rank asks for the same buffers (the growth is collective).
-        slots_R = all_counts_RE.sum(1)
         key = (wire_dtype, D)
         if key not in self.peer_buffers:
             self.peer_buffers[key] = PeerBuffers(self.group, wire_dtype, D, x_TD.device)
         bufs = self.peer_buffers[key]
-        bufs.ensure(-(-int(slots_R.max()) // K), int(slots_R.max()), int(matrix_RR.sum(0).max()))
+        bufs.ensure(int(tokens_R.max()), int(all_counts_RE.sum(1).max()), int(matrix_RR.sum(0).max()))
 
         counts_RE = all_counts_RE.to(x_TD.device)
         src_N, slot_N, tokens_per_local_expert = receive_layout(counts_RE, self.ep_rank, El, num_recv)
         rank_S, pos_S = send_positions(counts_RE, self.ep_rank, El, expert_idx_TK.reshape(-1)[plan.assign_S])
-        inv_S = inverse_permutation(plan.assign_S)
-        rank_TK, pos_TK = rank_S[inv_S].view(T, K), pos_S[inv_S].view(T, K)
+        if keep_TK is None:  # every (token, slot) is a slot: a gather
+            inv_S = inverse_permutation(plan.assign_S)
+            rank_TK, pos_TK = rank_S[inv_S].view(T, K), pos_S[inv_S].view(T, K)
+        else:  # dropped assignments point nowhere (-1)
+            rank_TK = torch.zeros(T * K, dtype=rank_S.dtype, device=x_TD.device).index_copy_(
+                0, plan.assign_S, rank_S).view(T, K)
+            pos_TK = torch.full((T * K,), -1, dtype=pos_S.dtype, device=x_TD.device).index_copy_(
+                0, plan.assign_S, pos_S).view(T, K)
 
         x_recv, gate_N = run_timed(
             self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_TD.to(wire_dtype),
             lambda t: PeerDispatch.apply(t, gate_TK, bufs, plan.row_idx_S, plan.assign_S, src_N, slot_N, rank_TK, pos_TK))
-        self._record_spread(expert_idx_TK, None)
+        self._record_spread(expert_idx_TK, keep_TK)
         # Rows arrive grouped by local expert: the experts take them as they are, apply the gates, and
         # (Triton) write their output, and in backward the input gradient, into the Y buffer peers read.
         y = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_recv,

@@ -165,7 +165,7 @@ class PeerDispatch(torch.autograd.Function):
                             torch.empty(T, bufs.D, dtype=ctx.x_dtype, device=dev))
         dgate_TK = None
         if dgate_N is not None:
-            dgate_flat = torch.empty(T * K, dtype=torch.float32, device=dev)
+            dgate_flat = torch.zeros(T * K, dtype=torch.float32, device=dev)  # dropped assignments: 0
             dgate_flat[assign_S] = bufs.dgate[:assign_S.numel()]
             dgate_TK = dgate_flat.view(T, K).to(ctx.gate_dtype)
         bufs.barrier()  # peers have read our Y and we our DGATE
