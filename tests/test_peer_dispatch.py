@@ -151,12 +151,16 @@ class _OneRankBuffers(PeerBuffers):
         pass
 
 
-@pytest.mark.parametrize("backend,capacity", [("triton", False), ("torch", False), ("triton", True)])
-def test_p2p_autograd_path_matches_local_dispatch(backend, capacity, monkeypatch):
+@pytest.mark.parametrize("backend,capacity,buffers", [
+    ("triton", False, "plain"), ("torch", False, "plain"), ("triton", True, "plain"),
+    *[pytest.param("triton", c, "symmetric", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="symmetric memory needs a GPU")) for c in (False, True)]])
+def test_p2p_autograd_path_matches_local_dispatch(backend, capacity, buffers, monkeypatch):
     """The whole p2p layer (PeerDispatch -> experts with gates -> PeerCombine, and backward) with one
     rank against the local dispatcher: output, x, gate and expert-weight gradients, dropless and with a
     keep mask (dropped assignments add nothing and get zero gate gradient). The Triton experts must
-    write their output and the input gradient straight into the Y buffer (no copy)."""
+    write their output and the input gradient straight into the Y buffer (no copy). `symmetric`: the
+    real torch symmetric-memory buffers and barriers (NCCL, one GPU) instead of plain tensors."""
     import torch.distributed as dist
 
     import moe.kernels.grouped_swiglu as gs
@@ -184,10 +188,15 @@ def test_p2p_autograd_path_matches_local_dispatch(backend, capacity, monkeypatch
     dout = torch.randn(T, D, generator=gen).to(DEV)
     keep = (torch.rand(T, K, generator=gen) > 0.3).to(DEV) if capacity else None
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    real = buffers == "symmetric"
+    if real:
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if real else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
     try:
         disp = AllToAllDispatcher(dist.group.WORLD, 1, 0, E, layer_id=0, comm="p2p")
-        disp.peer_buffers[(torch.float32, D)] = _OneRankBuffers(None, torch.float32, D, torch.device(DEV))
+        if not real:
+            disp.peer_buffers[(torch.float32, D)] = _OneRankBuffers(None, torch.float32, D, torch.device(DEV))
         results = []
         for d, ex in ((disp, experts), (LocalDispatcher(), ref_experts)):
             xg, gg = x.clone().requires_grad_(), gate.clone().requires_grad_()
