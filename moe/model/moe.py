@@ -70,14 +70,16 @@ class MoE(nn.Module):
         # Dropless routing keeps everything: say so, and the dispatcher skips a host-syncing nonzero().
         keep_TK = routed.keep_TK if self.router.cfg.capacity_factor > 0 else None
 
-        def dispatch(x: torch.Tensor) -> torch.Tensor:
-            return self.dispatcher.run(x, routed.expert_idx_TK, routed.gate_TK, keep_TK, self.experts)
-
+        # On [B, S, D]: tensor parallelism gathers the sequence dim for the shared experts.
+        shared = (lambda: self.shared(x_BSD).reshape(B * S, D)) if self.shared is not None else None
         if isinstance(self.dispatcher, LocalDispatcher):  # the EP dispatcher times its own regions
-            out_TD = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_TD, dispatch)
+            out_TD = run_timed(self.timer, f"experts/layer_{self.layer_id}", x_TD, lambda x: self.dispatcher.run(
+                x, routed.expert_idx_TK, routed.gate_TK, keep_TK, self.experts)).to(x_BSD.dtype)
+            if shared is not None:
+                out_TD = out_TD + shared()
         else:
-            out_TD = dispatch(x_TD)
-        out_TD = out_TD.to(x_BSD.dtype)
-        if self.shared is not None:  # on [B, S, D]: tensor parallelism gathers the sequence dim for it
-            out_TD = out_TD + self.shared(x_BSD).reshape(B * S, D)
+            # The shared experts do not depend on the dispatch: the dispatcher runs them while its
+            # communication is in flight (and adds them to its output, in the same order as above).
+            out_TD = self.dispatcher.run(x_TD, routed.expert_idx_TK, routed.gate_TK, keep_TK, self.experts,
+                                         meanwhile=shared)
         return out_TD.view(B, S, D)

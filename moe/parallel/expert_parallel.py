@@ -119,9 +119,13 @@ class AllToAllDispatcher:
         return all_counts_RE, result
 
     def run(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
-            keep_TK: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+            keep_TK: torch.Tensor, experts: GroupedExperts,
+            meanwhile: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """Routed output in x's dtype, plus `meanwhile()` ([T, D]: work that does not depend on the
+        dispatch, the shared experts), which runs while this dispatch's communication is in flight:
+        behind NCCL's all-to-all, or behind the count exchange's host sync for the P2P transport."""
         if self.comm == "p2p":
-            return self._run_p2p(x_TD, expert_idx_TK, gate_TK, keep_TK, experts)
+            return self._run_p2p(x_TD, expert_idx_TK, gate_TK, keep_TK, experts, meanwhile)
         plan = plan_local(expert_idx_TK, gate_TK, keep_TK, self.num_experts)
         wire_dtype = _wire_dtype(x_TD)
         dropless = keep_TK is None
@@ -148,8 +152,9 @@ class AllToAllDispatcher:
         x_recv = run_timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_send_SD,
                            lambda t: autograd_collective("ep", "all_to_all", f"dispatch, layer {self.layer_id}", t,
                                lambda u: all_to_all_single_autograd(u, recv_splits, send_splits, self.group)))
-        # Bookkeeping after the launch: its small kernels run while the all-to-all is in flight.
+        # Bookkeeping and the shared experts after the launch: they run while the all-to-all is in flight.
         self._record_spread(expert_idx_TK, keep_TK)
+        side_TD = meanwhile() if meanwhile is not None else None
 
         # Arrived rows are ordered (source, local expert); the experts want (local expert, source).
         dev = x_TD.device
@@ -174,9 +179,11 @@ class AllToAllDispatcher:
 
         self._record_traffic(matrix_RR, x_TD.shape[-1] * x_send_SD.element_size())
         if dropless:
-            return combine_assignments(y_back, plan.assign_S, inv_S, gate_TK, out_dtype=x_TD.dtype)
-        y_SD = y_back.to(x_TD.dtype) * plan.gate_S.to(x_TD.dtype).unsqueeze(-1)
-        return x_TD.new_zeros(x_TD.shape).index_add(0, plan.row_idx_S, y_SD)
+            out_TD = combine_assignments(y_back, plan.assign_S, inv_S, gate_TK, out_dtype=x_TD.dtype)
+        else:
+            y_SD = y_back.to(x_TD.dtype) * plan.gate_S.to(x_TD.dtype).unsqueeze(-1)
+            out_TD = x_TD.new_zeros(x_TD.shape).index_add(0, plan.row_idx_S, y_SD)
+        return out_TD if side_TD is None else out_TD + side_TD
 
 
     def _record_traffic(self, matrix_RR: torch.Tensor, bytes_per_row: int) -> None:
@@ -184,7 +191,8 @@ class AllToAllDispatcher:
         self.traffic = TrafficRecord(matrix_RR if rec is None else rec.matrix_RR + matrix_RR, bytes_per_row)
 
     def _run_p2p(self, x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gate_TK: torch.Tensor,
-                 keep_TK: torch.Tensor | None, experts: GroupedExperts) -> torch.Tensor:
+                 keep_TK: torch.Tensor | None, experts: GroupedExperts,
+                 meanwhile: Callable[[], torch.Tensor] | None) -> torch.Tensor:
         """Dispatch and combine through symmetric buffers (moe.parallel.peer_dispatch); with a keep mask
         (capacity) only kept assignments travel and the dropped ones add nothing to the combine."""
         from moe.parallel.peer_dispatch import PeerBuffers, PeerCombine, PeerDispatch, receive_layout, send_positions
@@ -197,7 +205,9 @@ class AllToAllDispatcher:
         # The token count rides along as one more column: with drops it is not slots / K, and every
         # rank must size the shared buffers from the same numbers (their growth is collective).
         counts_with_T = torch.cat([plan.tokens_per_expert_E, plan.tokens_per_expert_E.new_full((1,), T)])
-        all_counts_RE, _ = self._exchange_counts(counts_with_T, lambda: None)
+        # The pulls are kernels on this stream, so the shared experts cannot hide behind them; they
+        # keep the GPU busy while the host waits for the counts instead.
+        all_counts_RE, side_TD = self._exchange_counts(counts_with_T, meanwhile or (lambda: None))
         tokens_R, all_counts_RE = all_counts_RE[:, -1], all_counts_RE[:, :-1].contiguous()
         matrix_RR = all_counts_RE.view(self.ep, self.ep, El).sum(-1)
         num_recv = int(matrix_RR[:, self.ep_rank].sum())
@@ -231,7 +241,7 @@ class AllToAllDispatcher:
         out = run_timed(self.timer, f"a2a_combine/layer_{self.layer_id}", y,
                         lambda t: PeerCombine.apply(t, bufs, rank_TK, pos_TK, plan.row_idx_S, src_N, slot_N, x_TD.dtype))
         self._record_traffic(matrix_RR, D * torch.empty((), dtype=wire_dtype).element_size())
-        return out
+        return out if side_TD is None else out + side_TD
 
 
 def apply_expert_parallel(model: torch.nn.Module, group: dist.ProcessGroup, ep: int, ep_rank: int,
