@@ -213,3 +213,19 @@ def test_p2p_autograd_path_matches_local_dispatch(backend, capacity, buffers, mo
         assert (~keep).any() and (results[0][2][~keep] == 0).all()
     # Two publishes of Y: the expert output (forward) and the expert-input gradient (backward).
     assert published == ([True, True] if backend == "triton" else [False, False])
+
+
+def test_p2p_refused_without_nccl_before_any_step():
+    """apply_expert_parallel(comm='p2p') on a gloo group is an error naming the backend, raised before
+    the model is touched (the config check catches CPU runs earlier; this guards direct callers)."""
+    import torch.distributed as dist
+
+    from moe.parallel.expert_parallel import apply_expert_parallel
+    from tests.dist_utils import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"comm='p2p' needs an NCCL EP group.*backend gloo.*Use comm='nccl'"):
+            apply_expert_parallel(None, dist.group.WORLD, 1, 0, [0], [0], comm="p2p")
+    finally:
+        dist.destroy_process_group()
