@@ -47,8 +47,10 @@ def _wire_dtype(x_TD: torch.Tensor) -> torch.dtype:
 class AllToAllDispatcher:
     def __init__(self, group: dist.ProcessGroup, ep: int, ep_rank: int, num_experts: int, layer_id: int,
                  node_of_ep_rank: list[int] | None = None, comm: str = "nccl",
-                 peer_buffers: dict | None = None) -> None:
+                 peer_buffers: dict | None = None, timeout_s: float = 600.0) -> None:
         self.group = group
+        self.timeout_s = timeout_s
+        """The P2P barriers' timeout (NCCL's comes with the process group)."""
         self.comm = comm
         """`nccl`: all_to_all_single; `p2p`: dispatch and combine read peers' symmetric buffers
         (moe.parallel.peer_dispatch; one node, CUDA)."""
@@ -213,7 +215,7 @@ class AllToAllDispatcher:
         num_recv = int(matrix_RR[:, self.ep_rank].sum())
         key = (wire_dtype, D)
         if key not in self.peer_buffers:
-            self.peer_buffers[key] = PeerBuffers(self.group, wire_dtype, D, x_TD.device)
+            self.peer_buffers[key] = PeerBuffers(self.group, wire_dtype, D, x_TD.device, self.timeout_s)
         bufs = self.peer_buffers[key]
         bufs.ensure(int(tokens_R.max()), int(all_counts_RE.sum(1).max()), int(matrix_RR.sum(0).max()))
 
@@ -245,7 +247,8 @@ class AllToAllDispatcher:
 
 
 def apply_expert_parallel(model: torch.nn.Module, group: dist.ProcessGroup, ep: int, ep_rank: int,
-                          node_of_rank: list[int], ep_group_ranks: list[int], comm: str = "nccl") -> None:
+                          node_of_rank: list[int], ep_group_ranks: list[int], comm: str = "nccl",
+                          timeout_s: float = 600.0) -> None:
     """Keep this rank's slice of every MoE layer's experts and route tokens through all-to-all."""
     node_of_ep_rank = [node_of_rank[r] for r in ep_group_ranks]
     if comm == "p2p":  # checked before the first step: an error now, not a hang later
@@ -261,7 +264,8 @@ def apply_expert_parallel(model: torch.nn.Module, group: dist.ProcessGroup, ep: 
             full = getattr(ex, name)
             setattr(ex, name, torch.nn.Parameter(full.detach()[ep_rank * El:(ep_rank + 1) * El].clone()))
         ex.num_experts = El
-        moe.dispatcher = AllToAllDispatcher(group, ep, ep_rank, E, layer_id, node_of_ep_rank, comm, peer_buffers)
+        moe.dispatcher = AllToAllDispatcher(group, ep, ep_rank, E, layer_id, node_of_ep_rank, comm, peer_buffers,
+                                            timeout_s)
 
 
 def tie_router_groups_to_topology(model: torch.nn.Module, group_by: str, ep: int, node_of_ep_rank: list[int]) -> int | None:

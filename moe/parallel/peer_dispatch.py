@@ -77,8 +77,12 @@ class PeerBuffers:
 
     ALIGN = 256
 
-    def __init__(self, group: dist.ProcessGroup, dtype: torch.dtype, D: int, device: torch.device) -> None:
+    def __init__(self, group: dist.ProcessGroup, dtype: torch.dtype, D: int, device: torch.device,
+                 timeout_s: float = 600.0) -> None:
         self.group, self.dtype, self.D, self.device = group, dtype, D, device
+        self.timeout_ms = int(timeout_s * 1000)
+        """A barrier whose peer never arrives (stopped or dead) traps after this long instead of hanging:
+        the process fails and the launcher restarts from the last checkpoint (parallel.timeout_s)."""
         self.caps = (0, 0, 0)
         self.handle = None
 
@@ -118,7 +122,7 @@ class PeerBuffers:
         self.caps = caps
 
     def barrier(self) -> None:
-        self.handle.barrier(channel=0)
+        self.handle.barrier(channel=0, timeout_ms=self.timeout_ms)
 
 
 def _publish(buf_rows: torch.Tensor, rows_ND: torch.Tensor) -> None:

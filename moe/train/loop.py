@@ -149,7 +149,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         moe.router.global_group = ctx.group("routing") if ctx.dp * ctx.tp > 1 else None
     if ctx.ep > 1:
         apply_expert_parallel(model, ctx.group("ep"), ctx.ep, ctx.ep_rank, ctx.node_of_rank, ctx.group_ranks("ep"),
-                              comm=job.parallel.ep_comm)
+                              comm=job.parallel.ep_comm, timeout_s=job.parallel.timeout_s)
     # Dense part sharded over tp, sequence-parallel residual stream (moe/parallel/tensor_parallel.py). After
     # the stage cut under pp: each stage shards only what it holds, over its own tp group.
     if ctx.tp > 1:
