@@ -151,12 +151,20 @@ class AllToAllDispatcher:
                 f"layer {self.layer_id}, EP rank {self.ep_rank}: {plan.row_idx_S.numel()} rows to send but the "
                 f"splits {send_splits} add up to {sum(send_splits)}")
 
+        # Bookkeeping and the shared experts go between the launch and the wait: they run while the
+        # all-to-all is in flight (the dispatch's timed region then spans the longer of the two).
+        side: list[torch.Tensor] = []
+
+        def alongside() -> None:
+            self._record_spread(expert_idx_TK, keep_TK)
+            if meanwhile is not None:
+                side.append(meanwhile())
+
         x_recv = run_timed(self.timer, f"a2a_dispatch/layer_{self.layer_id}", x_send_SD,
                            lambda t: autograd_collective("ep", "all_to_all", f"dispatch, layer {self.layer_id}", t,
-                               lambda u: all_to_all_single_autograd(u, recv_splits, send_splits, self.group)))
-        # Bookkeeping and the shared experts after the launch: they run while the all-to-all is in flight.
-        self._record_spread(expert_idx_TK, keep_TK)
-        side_TD = meanwhile() if meanwhile is not None else None
+                               lambda u: all_to_all_single_autograd(u, recv_splits, send_splits, self.group),
+                               alongside))
+        side_TD = side[0] if side else None
 
         # Arrived rows are ordered (source, local expert); the experts want (local expert, source).
         dev = x_TD.device

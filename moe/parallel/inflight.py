@@ -86,14 +86,18 @@ class _BackwardMark(torch.autograd.Function):
 
 
 def autograd_collective(group: str, op: str, what: str, x: torch.Tensor,
-                        fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                        fn: Callable[[torch.Tensor], torch.Tensor],
+                        meanwhile: Callable[[], None] | None = None) -> torch.Tensor:
     """`fn(x)` (a functional collective with autograd) marked in flight in the forward pass, and its
-    backward collective marked too. The forward result is waited for inside the mark (the next op would
-    wait anyway; on CUDA it is a stream wait, not a host sync)."""
+    backward collective marked too. `meanwhile()` is launched after the collective and before the
+    forward result is waited for (inside the mark; on CUDA a stream wait, not a host sync), so
+    independent work overlaps the transfer."""
     back = Collective(group, op, f"{what}, backward")
     x = _BackwardMark.apply(x, back, False)
     with collective(group, op, f"{what}, forward"):
         y = fn(x)
+        if meanwhile is not None:
+            meanwhile()
         if isinstance(y, AsyncCollectiveTensor):
             y = y.wait()
     return _BackwardMark.apply(y, back, True)
