@@ -117,7 +117,8 @@ class ParallelConfig:
     """Permit EP groups that span nodes (all-to-all over the network)."""
     ep_comm: str = "nccl"
     """How dispatch and combine move token rows: `nccl` (all_to_all_single) or `p2p` (ranks read each
-    other's symmetric-memory buffers over NVLink; GPUs, EP groups inside one node)."""
+    other's symmetric-memory buffers over NVLink; GPUs, EP groups inside one node; with the triton
+    expert backend the experts write straight into those buffers, other backends pay a copy)."""
     timeout_s: int = 600
     """Timeout of every process group, in seconds."""
 
