@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moe.model.balancing import normalise_scores
+from moe.parallel.compat import all_gather_flat
 
 
 def _whole(local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def sharded_keep_mask(expert_idx_TK: torch.Tensor, priority_TK: torch.Tensor | N
     prio = priority_TK if priority_TK is not None else torch.zeros_like(expert_idx_TK, dtype=torch.float32)
     mine = torch.stack([expert_idx_TK.double(), prio.double()], dim=-1).contiguous()
     gathered = torch.empty((n * T_loc, K, 2), dtype=mine.dtype, device=mine.device)  # gloo wants dim 0 stacked
-    dist.all_gather_into_tensor(gathered, mine, group=group)
+    all_gather_flat(gathered, mine, group=group)
     # [n, B, s, K, 2] -> [B, n, s, K, 2]: sequence b's slices next to each other, as in one process.
     whole = gathered.view(n, B, seq_len, K, 2).transpose(0, 1).reshape(B * n * seq_len, K, 2)
     keep_all_TK = keep_fn(whole[..., 0].long(), whole[..., 1].float() if priority_TK is not None else None,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from moe.model.dispatch import GroupedExperts, plan_local
+from moe.parallel.compat import all_gather_flat
 from moe.parallel.permute import combine_assignments, gather_assignments, inverse_permutation, permute_rows
 from moe.parallel.inflight import autograd_collective, collective
 from moe.train.timing import RegionTimer, run_timed
@@ -108,7 +109,7 @@ class AllToAllDispatcher:
         gathered = torch.empty(self.ep * E, dtype=torch.int64, device=dev)
         what = f"dispatch counts, layer {self.layer_id}"
         with collective("ep", "all_gather", what):
-            work = dist.all_gather_into_tensor(gathered, mine_E, group=self.group, async_op=True)
+            work = all_gather_flat(gathered, mine_E, group=self.group, async_op=True)
         result = meanwhile()
         with collective("ep", "all_gather", what):
             work.wait()
