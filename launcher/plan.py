@@ -191,6 +191,9 @@ def print_plan(job: JobConfig) -> list[str]:
         # Sequence parallel: each tp rank routes its own 1/tp of the micro-batch's tokens.
         routed = tokens // par.tp
         tr = traffic_plan(routed, m.moe.top_k, m.hidden_size, act_b, n_moe, accum, placements)
+        transport = ("p2p: peers read symmetric-memory buffers over NVLink" if par.ep_comm == "p2p"
+                     else "nccl all_to_all_single")
+        print(f"all-to-all transport (parallel.ep_comm): {transport}")
         print(f"all-to-all per GPU per MoE layer (uniform routing, {routed} tokens, {tr.bytes_per_vector:,} B per "
               f"token vector): {tr.vectors_per_layer:,.0f} token vectors = {tr.dispatch_bytes / 1e6:,.1f} MB dispatch "
               f"({tr.intra_node_bytes / 1e6:,.1f} MB intra-node, {tr.inter_node_bytes / 1e6:,.1f} MB inter-node) "

@@ -40,6 +40,14 @@ def test_worked_example_printed(capsys):
     assert "54.28 GB per forward pass" in out
     assert "[0-255]@32 nodes" in out  # the EP group column of the table
     assert "REFUSED" not in out
+    assert "transport (parallel.ep_comm): nccl" in out
+
+
+def test_plan_names_the_p2p_transport(capsys):
+    job = job_from(["model=deepseek_tiny", "cluster.use_gpu=true", "cluster.num_workers=2", "parallel.dp=2",
+                    "parallel.ep=2", "parallel.ep_comm=p2p"])
+    assert print_plan(job) == []
+    assert "transport (parallel.ep_comm): p2p" in capsys.readouterr().out
 
 
 def test_worked_example_refused_without_cross_node_ep(capsys):
