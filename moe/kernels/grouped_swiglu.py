@@ -229,7 +229,9 @@ def triton_routed_experts(
         return torch.zeros(out_rows, x.shape[1], dtype=dt, device=dev) + keep
     idx = row_idx_S.to(torch.int32).contiguous() if gather else None
     gate = gate_S.contiguous() if gate_S is not None else None
-    if gather or (out is not None and (out.shape != (S, x.shape[1]) or out.dtype != dt or not out.is_contiguous())):
-        out = None  # not a buffer this launch can write: the caller copies
+    # Buffers are used only where the kernels write rows in place (no row index; the forward ignores
+    # them otherwise): a wrong shape/dtype, or an x that was converted, means the caller copies.
+    if out is not None and (out.shape != (S, x.shape[1]) or out.dtype != dt or not out.is_contiguous()):
+        out = None
     return GroupedSwiGLU.apply(x_c, wg, wu, wd, counts_E, idx, gate, out_rows, out,
-                               None if gather or x_c is not x else grad_x_out)
+                               grad_x_out if x_c is x else None)

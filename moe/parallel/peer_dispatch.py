@@ -3,7 +3,7 @@
 `AllToAllDispatcher(..., comm="p2p")` (one node, CUDA). Instead of building a send buffer, calling NCCL's all-to-all
 and reducing what comes back, every EP rank publishes its rows in a symmetric buffer
 (torch.distributed._symmetric_memory) and the other side pulls exactly the rows it needs with the
-gather or the gate-weighted reduction fused into the same pass (moe.kernels.peer_rows):
+gather or the sum over a token's K rows fused into the same pass (moe.kernels.peer_rows):
 
     dispatch   sender: x -> X, token of each slot -> IDX, its gate -> GATE     receiver: pull rows and
                gates, grouped by local expert then source rank (what the grouped expert kernels want)
@@ -125,6 +125,26 @@ class PeerBuffers:
         self.handle.barrier(channel=0, timeout_ms=self.timeout_ms)
 
 
+def _pull_token_rows(bufs: PeerBuffers, rows_TD: torch.Tensor, row_idx_S: torch.Tensor, src_N: torch.Tensor,
+                     slot_N: torch.Tensor, gate_S: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Senders publish token rows (x, or dout in backward), the token of each slot and optionally its
+    gate; receivers pull their rows in (local expert, source) order, and the gates [N] (fp32)."""
+    S, N = row_idx_S.numel(), src_N.numel()
+    bufs.x[:rows_TD.shape[0]].copy_(rows_TD)
+    bufs.idx[:S].copy_(row_idx_S)
+    gate_N = None
+    if gate_S is not None:
+        bufs.gate[:S].copy_(gate_S)
+        gate_N = torch.empty(N, dtype=torch.float32, device=rows_TD.device)
+    bufs.barrier()
+    out_ND = pull_rows(bufs.x_ptrs, bufs.idx_ptrs, src_N, slot_N,
+                       torch.empty(N, bufs.D, dtype=bufs.dtype, device=rows_TD.device),
+                       gate_ptrs_R=bufs.gate_ptrs if gate_S is not None else None, gate_out_N=gate_N)
+    bufs.barrier()  # peers have read our X, IDX and GATE: they may be overwritten
+    return out_ND, gate_N
+
+
 def _publish(buf_rows: torch.Tensor, rows_ND: torch.Tensor) -> None:
     """Put rows into a symmetric buffer, unless the kernel that made them already wrote them there."""
     n = rows_ND.shape[0]
@@ -140,16 +160,7 @@ class PeerDispatch(torch.autograd.Function):
     def forward(ctx, x_TD: torch.Tensor, gate_TK: torch.Tensor, bufs: PeerBuffers, row_idx_S: torch.Tensor,
                 assign_S: torch.Tensor, src_N: torch.Tensor, slot_N: torch.Tensor, rank_TK: torch.Tensor,
                 pos_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T, S, N = x_TD.shape[0], row_idx_S.numel(), src_N.numel()
-        bufs.x[:T].copy_(x_TD)
-        bufs.idx[:S].copy_(row_idx_S)
-        bufs.gate[:S].copy_(gate_TK.reshape(-1)[assign_S])
-        bufs.barrier()
-        gate_N = torch.empty(N, dtype=torch.float32, device=x_TD.device)
-        out_ND = pull_rows(bufs.x_ptrs, bufs.idx_ptrs, src_N, slot_N,
-                           torch.empty(N, bufs.D, dtype=bufs.dtype, device=x_TD.device),
-                           gate_ptrs_R=bufs.gate_ptrs, gate_out_N=gate_N)
-        bufs.barrier()  # peers have read our X, IDX and GATE: they may be overwritten
+        out_ND, gate_N = _pull_token_rows(bufs, x_TD, row_idx_S, src_N, slot_N, gate_TK.reshape(-1)[assign_S])
         ctx.bufs, ctx.x_dtype, ctx.gate_dtype = bufs, x_TD.dtype, gate_TK.dtype
         ctx.save_for_backward(rank_TK, pos_TK, assign_S, src_N, slot_N)
         return out_ND, gate_N
@@ -197,10 +208,5 @@ class PeerCombine(torch.autograd.Function):
     def backward(ctx, dout_TD: torch.Tensor):
         bufs = ctx.bufs
         row_idx_S, src_N, slot_N = ctx.saved_tensors
-        bufs.x[:dout_TD.shape[0]].copy_(dout_TD)
-        bufs.idx[:row_idx_S.numel()].copy_(row_idx_S)
-        bufs.barrier()
-        dy_ND = pull_rows(bufs.x_ptrs, bufs.idx_ptrs, src_N, slot_N,
-                          torch.empty(src_N.numel(), bufs.D, dtype=bufs.dtype, device=dout_TD.device))
-        bufs.barrier()
+        dy_ND, _ = _pull_token_rows(bufs, dout_TD, row_idx_S, src_N, slot_N)
         return dy_ND.to(ctx.y_dtype), None, None, None, None, None, None, None
