@@ -104,6 +104,13 @@ def worker(rank: int, world: int, port: int, args) -> None:
         cols = " | ".join(f"{name} GB/s | ratio" for name, *_ in variants)
         print(f"| MiB sent per rank (cross-rank) | tokens | pass | bare a2a GB/s | {cols} |")
         print("|---|---|---|---|" + "---|---|" * len(variants))
+    real_experts = None  # the same weights for every size
+    if args.expert_ffn:
+        from moe.model.dispatch import GroupedExperts
+
+        real_experts = GroupedExperts(E // world, D, args.expert_ffn, backend="triton").cuda().to(torch.bfloat16)
+        for w in real_experts.parameters():
+            w.data.normal_(0, D ** -0.5)
     for mib in args.sizes:
         # cross-rank bytes per rank = T*K*(1-1/world)*row_bytes (uniform) -> choose T
         T = int(mib * 2**20 / (K * (1 - 1 / world) * row_bytes))
@@ -143,13 +150,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
                     dist.all_to_all_single(back, buf_out, send_l, recv_l)
             return run
 
-        real_experts = None
-        if args.expert_ffn:
-            from moe.model.dispatch import GroupedExperts
-
-            real_experts = GroupedExperts(E // world, D, args.expert_ffn, backend="triton").cuda().to(torch.bfloat16)
-            for w in real_experts.parameters():
-                w.data.normal_(0, D ** -0.5)
+        if real_experts is not None:
             load_E = torch.bincount(idx.flatten(), minlength=E)
             dist.all_reduce(load_E)
             mine_L = load_E[rank * (E // world):(rank + 1) * (E // world)]
