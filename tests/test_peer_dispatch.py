@@ -229,3 +229,17 @@ def test_p2p_refused_without_nccl_before_any_step():
             apply_expert_parallel(None, dist.group.WORLD, 1, 0, [0], [0], comm="p2p")
     finally:
         dist.destroy_process_group()
+
+
+def test_p2p_barrier_carries_the_configured_timeout():
+    """A peer that never arrives must end the barrier after parallel.timeout_s, not hang it forever."""
+    calls = []
+
+    class Handle:
+        def barrier(self, channel: int = 0, timeout_ms: int = 0) -> None:
+            calls.append((channel, timeout_ms))
+
+    bufs = PeerBuffers(None, torch.float32, 8, torch.device("cpu"), timeout_s=7)
+    bufs.handle = Handle()
+    bufs.barrier()
+    assert calls == [(0, 7000)]
