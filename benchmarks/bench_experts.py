@@ -23,7 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moe.kernels import _tiles  # noqa: E402
 from moe.model.experts import routed_experts  # noqa: E402
+
+_TMA_DEFAULT = _tiles.TMA_MODE
+
+
+def run_experts(backend: str, *args):
+    """`routed_experts` by backend name; "triton_ptr" is the Triton kernel with TMA off (pointer loads
+    only), so one run shows what the tensor descriptors buy."""
+    _tiles.TMA_MODE = "0" if backend == "triton_ptr" else _TMA_DEFAULT
+    return routed_experts(*args, backend="triton" if backend == "triton_ptr" else backend)
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ def bench_case(name: str, s: Shape, skew: str, backends: list[str], iters: int, 
             continue
 
         def fwd():
-            return routed_experts(*leaves, counts_E, row_idx_S, gate_S, s.T, backend=backend)
+            return run_experts(backend, *leaves, counts_E, row_idx_S, gate_S, s.T)
 
         def fwd_bwd():
             out = fwd()
@@ -154,7 +164,7 @@ def profile_kernels(name: str, s: Shape, backends: list[str], device) -> None:
             continue
 
         def step():
-            out = routed_experts(*leaves, counts_E, row_idx_S, gate_S, s.T, backend=backend)
+            out = run_experts(backend, *leaves, counts_E, row_idx_S, gate_S, s.T)
             return torch.autograd.grad(out, [*leaves, gate_S], dy)
 
         step()
@@ -186,7 +196,7 @@ def print_autotune_choices() -> None:
         for kname in dir(mod):
             k = getattr(mod, kname)
             for key, cfg in getattr(k, "cache", {}).items():
-                print(f"# autotune {kname} D,F={key[:2]}: {cfg}", flush=True)
+                print(f"# autotune {kname} D,F,mode,TMA={key[:4]}: {cfg}", flush=True)
             # Timings of every config tried for the last key tuned (the shape just run).
             for cfg, ms in sorted((getattr(k, "configs_timings", None) or {}).items(), key=lambda kv: kv[1]):
                 print(f"#   tried {kname}: {ms} ms  {cfg}", flush=True)
@@ -204,13 +214,14 @@ def check(device) -> list[dict]:
         row_idx_S, gate_S, counts_E = make_routing(s, skew, gen, device)
         dy = torch.randn(s.T, s.D, device=device, generator=gen)
         res = {}
-        for backend, dtype in (("triton", torch.bfloat16), ("grouped_mm", torch.bfloat16), ("torch", torch.float32)):
+        checked = ("triton", "triton_ptr", "grouped_mm")
+        for backend, dtype in [(b, torch.bfloat16) for b in checked] + [("torch", torch.float32)]:
             leaves = [t.detach().to(dtype).requires_grad_() for t in (x, wg, wu, wd)]
             g = gate_S.detach().clone().requires_grad_()
-            y = routed_experts(*leaves, counts_E, row_idx_S, g, s.T, backend=backend)
+            y = run_experts(backend, *leaves, counts_E, row_idx_S, g, s.T)
             grads = torch.autograd.grad(y, [*leaves, g], dy.to(y.dtype))
             res[backend] = [y.float()] + [t.float() for t in grads]
-        for backend in ("triton", "grouped_mm"):
+        for backend in checked:
             errs = {n: ((a - b).norm() / b.norm()).item() for n, a, b in
                     zip(["out", "dx", "dw_gate", "dw_up", "dw_down", "dgate"], res[backend], res["torch"])}
             ok = all(e < 1e-2 for e in errs.values()) and all(torch.isfinite(a).all() for a in res[backend])
@@ -222,7 +233,8 @@ def check(device) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--backends", default="triton,grouped_mm,torch")
+    ap.add_argument("--backends", default="triton,grouped_mm,torch",
+                    help="of triton, triton_ptr (Triton without TMA), grouped_mm, torch")
     ap.add_argument("--skews", default="uniform,zipf")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

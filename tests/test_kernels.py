@@ -21,6 +21,7 @@ os.environ.setdefault("MOE_TRITON_AUTOTUNE", "0")
 
 pytest.importorskip("triton")
 
+import moe.kernels._tiles as tiles  # noqa: E402
 import moe.kernels.grouped_swiglu as gs  # noqa: E402
 from moe.model.experts import routed_experts  # noqa: E402
 
@@ -88,18 +89,50 @@ def _run(backend: str, tensors, counts, row_idx, gate, num_out_rows, device, dty
     return out.detach(), grads
 
 
+def _tma_launches(monkeypatch, tma: bool) -> list[bool]:
+    """Select the TMA or the pointer path and record, per launch, whether descriptors were passed."""
+    monkeypatch.setattr(tiles, "TMA_MODE", "1" if tma else "0")
+    used: list[bool] = []
+    host, device = gs.tma_args, gs.device_tma
+
+    def spy_host(use_tma: bool, *tensors):
+        flag, args = host(use_tma, *tensors)
+        used.append(flag)
+        return flag, args
+
+    def spy_device(use_tma: bool, *tensors):
+        used.append(device(use_tma, *tensors))
+        return used[-1]
+
+    monkeypatch.setattr(gs, "tma_args", spy_host)
+    monkeypatch.setattr(gs, "device_tma", spy_device)
+    return used
+
+
+def _tma_fits(D: int, F: int, dtype: torch.dtype) -> bool:
+    """Whether every descriptor operand's rows are 16-byte multiples (else the launch falls back)."""
+    es = torch.tensor([], dtype=dtype).element_size()
+    return D * es % 16 == 0 and F * es % 16 == 0
+
+
+@pytest.mark.parametrize("path", ["tma", "pointers"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 @pytest.mark.parametrize("mode", ["gather", "grouped"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matches_torch_backend(case, mode, with_gate, dtype):
+def test_matches_torch_backend(case, mode, with_gate, dtype, path, monkeypatch):
     name, E, D, F, counts, T = case
     if dtype == DTYPES[1] and name not in SECOND_DTYPE_CASES:
         pytest.skip(f"{dtype} runs on {SECOND_DTYPE_CASES} only")
+    if path == "tma" and _ON_GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9 or later")
     seed = 1000 + len(name) * 7 + E
     tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, mode, with_gate, dtype, seed)
     num_out_rows = T + 3 if mode == "gather" else None  # more output rows than x has: must read zero
+    used = _tma_launches(monkeypatch, path == "tma")
     out, grads = _run("triton", tensors, counts_E, row_idx, gate, num_out_rows, DEVICE, dtype, seed)
+    # Every one of the six GEMM launches took the path asked for (TMA only where the layout allows).
+    assert used == [path == "tma" and _tma_fits(D, F, dtype)] * 6, used
     # Reference: the per-expert torch loop in fp32 on the same (already rounded) values; on the CPU
     # in fp32 this is the very backend the kernel replaces.
     ref_dtype = torch.float32
@@ -160,3 +193,22 @@ def test_autocast_bf16_on_gpu():
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
     ref, _ = _run("torch", tensors, counts_E, row_idx, gate, T, DEVICE, torch.float32, 5)
     assert _rel(y.float(), ref) < 1e-2
+
+
+def test_tma_policy(monkeypatch):
+    """"auto" takes TMA only on compute capability 9+ and for layers of at least TMA_MIN_WORK."""
+    monkeypatch.setattr(tiles, "INTERPRET", False)
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap["v"])
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(tiles, "TMA_MODE", "auto")
+    assert not tiles.tma_enabled(gpu, tiles.TMA_MIN_WORK - 1)
+    assert tiles.tma_enabled(gpu, tiles.TMA_MIN_WORK)
+    assert not tiles.tma_enabled(torch.device("cpu"), tiles.TMA_MIN_WORK)
+    cap["v"] = (8, 0)
+    assert not tiles.tma_enabled(gpu, tiles.TMA_MIN_WORK)
+    cap["v"] = (9, 0)
+    monkeypatch.setattr(tiles, "TMA_MODE", "1")
+    assert tiles.tma_enabled(gpu, 1)
+    monkeypatch.setattr(tiles, "TMA_MODE", "0")
+    assert not tiles.tma_enabled(gpu, tiles.TMA_MIN_WORK)

@@ -12,6 +12,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Read once at import, like Triton itself: the interpreter runs kernels on CPU tensors, one program
 # after another, so it wants a single small config and a small persistent grid.
@@ -21,30 +22,101 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # configs (used to choose the short lists; costs a compile each).
 AUTOTUNE = os.environ.get("MOE_TRITON_AUTOTUNE", "1") != "0"
 WIDE_TUNE = os.environ.get("MOE_TRITON_TUNE", "") == "wide"
+# MOE_TRITON_TMA: "auto" feeds the kernels' contiguous operands through tensor descriptors (TMA) on GPUs
+# that have it (compute capability 9+) for layers of at least TMA_MIN_WORK; "1" always (also under the
+# interpreter, where the tests run both paths); "0" never. Read at each launch (`tma_enabled`), so a
+# benchmark can compare the two in one process.
+TMA_MODE = os.environ.get("MOE_TRITON_TMA", "auto")
+# Rows x D x F below which "auto" keeps pointer loads. On an H200 TMA cut the GPU time of a layer's
+# forward+backward by ~5-10% but added ~0.2 ms of host time per forward+backward (BENCHMARKS.md); the
+# two break even near a 2.7 ms forward+backward, i.e. 18 * S*D*F FLOPs at ~450 TFLOP/s, S*D*F ~ 2^36.
+# deepseek_small's layer (2^35) stays on pointers; the larger benchmark layers (2^38 and up) use TMA.
+TMA_MIN_WORK = 2**36
 
 Spec = tuple[int, ...]  # (BM, BN, BK, num_warps, num_stages[, programs per SM])
 
 
-def tile_configs(specs: list[Spec], wide: list[Spec] = (), persistent: bool = False) -> list[triton.Config]:
+def tile_configs(
+    specs: list[Spec], wide: list[Spec] = (), persistent: bool = False, tma_blocks: dict | None = None,
+) -> list[triton.Config]:
     """Autotune configs; the first is the default.
 
     Hopper sizes: 128-row tiles feed wgmma's 64-row warpgroup instructions twice over with 8 warps;
     BK=64 bf16 gives 128-byte rows for the async copies; stages are bounded by the 227 KB of shared
     memory. Persistent kernels also take PPS, programs per SM: 2 lets one program's epilogue overlap
-    another's main loop where two fit in shared memory.
+    another's main loop where two fit in shared memory. `tma_blocks` (argument name -> block dims, as
+    ints or config keys) sizes the blocks of the arguments that arrive as tensor descriptors.
     """
+    hook = _block_shape_hook(tma_blocks) if tma_blocks else None
     if INTERPRET:
         # 16 is tl.dot's smallest size; tiny tiles make the tests cross tile and expert borders.
         meta = {"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2} | ({"PPS": 1} if persistent else {})
-        return [triton.Config(meta, num_warps=4, num_stages=1)]
+        return [triton.Config(meta, num_warps=4, num_stages=1, pre_hook=hook)]
     cfgs = []
     for spec in list(specs) + (list(wide) if WIDE_TUNE else []):
         bm, bn, bk, w, st = spec[:5]
         meta = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}
         if persistent:
             meta["PPS"] = spec[5] if len(spec) > 5 else 1
-        cfgs.append(triton.Config(meta, num_warps=w, num_stages=st))
+        cfgs.append(triton.Config(meta, num_warps=w, num_stages=st, pre_hook=hook))
     return cfgs
+
+
+def _block_shape_hook(blocks: dict[str, tuple[int | str, ...]]):
+    """Config pre-hook: a descriptor's block shape depends on the tile sizes of the config that runs."""
+
+    def hook(nargs: dict) -> None:
+        for name, dims in blocks.items():
+            desc = nargs[name]
+            if isinstance(desc, TensorDescriptor):
+                desc.block_shape = [nargs[d] if isinstance(d, str) else d for d in dims]
+
+    return hook
+
+
+def tma_enabled(device: torch.device, work: int) -> bool:
+    """Whether a layer of `work` = rows x D x F on `device` uses tensor descriptors (see TMA_MODE)."""
+    if TMA_MODE == "0" or (INTERPRET and TMA_MODE != "1"):
+        return False
+    has_tma = INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+    return has_tma and (TMA_MODE == "1" or work >= TMA_MIN_WORK)
+
+
+def _tma_fits(t: torch.Tensor) -> bool:
+    """TMA wants a 16-byte aligned base and row strides (odd hidden sizes have neither)."""
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(st * es % 16 == 0 for st in t.stride()[:-1])
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
+
+
+def device_tma(use_tma: bool, *tensors: torch.Tensor) -> bool:
+    """TMA flag for a persistent kernel that builds its descriptors on the device, once per program.
+
+    Building them there costs the host nothing, where a host descriptor adds ~10 us of Python per
+    launch (measured on an H200), which shows on small layers. Triton takes the descriptors' scratch
+    from an allocator held in a context variable, so it is set in the launching thread (autograd
+    runs backward in its own thread).
+    """
+    if not (use_tma and all(_tma_fits(t) for t in tensors)):
+        return False
+    triton.set_allocator(_scratch)
+    return True
+
+
+def tma_args(use_tma: bool, *tensors: torch.Tensor) -> tuple[bool, tuple]:
+    """(TMA, args) for a one-program-per-tile kernel: host-built tensor descriptors over `tensors` when
+    TMA is on and every one fits, else the tensors themselves with TMA off for the whole launch.
+
+    Built on the device, these would cost a global write per program, and the weight-gradient
+    kernels launch one program per output tile. The block shapes set here are placeholders that the
+    running config's pre-hook replaces.
+    """
+    if not (use_tma and all(_tma_fits(t) for t in tensors)):
+        return False, tensors
+    return True, tuple(TensorDescriptor.from_tensor(t, [16] * t.dim()) for t in tensors)
 
 
 # Hopper's shared memory per block (the limit Triton reports on an H100), less a margin for scratch.
@@ -62,7 +134,8 @@ def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False):
     """
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        esize = named_args[a_ptr].element_size()
+        a = named_args[a_ptr]
+        esize = (a.base if isinstance(a, TensorDescriptor) else a).element_size()
         gather = bool(kwargs.get("GATHER", named_args.get("GATHER", False)))
 
         def need(c: triton.Config) -> int:
@@ -74,7 +147,7 @@ def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False):
         if not fitting:  # fp32 operands on lists sized for bf16: a small tile that always fits
             base = configs[0]
             small = {**base.kwargs, "BM": 64, "BN": 64, "BK": 32}
-            fitting = [triton.Config(small, num_warps=4, num_stages=3)]
+            fitting = [triton.Config(small, num_warps=4, num_stages=3, pre_hook=base.pre_hook)]
         return fitting if AUTOTUNE else fitting[:1]
 
     return prune

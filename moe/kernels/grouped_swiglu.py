@@ -6,6 +6,10 @@ dy @ w_down^T (dy rows gathered), the SwiGLU/gate backward over whole rows, the 
 GEMMs, and dx with its scatter-add. No permuted copy of x, y or dy is made; the saved state is the
 two [S, F] pre-activations.
 
+On Hopper, layers big enough to pay for it read their weight tiles and contiguous row tiles through
+TMA tensor descriptors (`_tiles.TMA_MODE`): built on the device by the persistent row-tile kernels,
+on the host for the weight-gradient kernels, which run one program per tile.
+
 Shapes: x [X, D]; weights w_gate/w_up [E, D, F], w_down [E, F, D]; S routed rows sorted by expert.
 Precision: operands in the compute dtype (bf16 on GPU; fp32/fp16 work too), fp32 accumulation; the
 gather-mode scatter-adds are atomics (bf16 for bf16, else fp32), so results are not bitwise
@@ -19,7 +23,7 @@ from typing import Callable
 import torch
 import triton
 
-from moe.kernels._tiles import INTERPRET, persistent_programs
+from moe.kernels._tiles import INTERPRET, device_tma, persistent_programs, tma_args, tma_enabled
 from moe.kernels.swiglu_bwd import dh_bwd, dw_down_bwd, dw_gate_up_bwd, dx_bwd, swiglu_bwd_rows
 from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 
@@ -95,23 +99,26 @@ class GroupedSwiGLU(torch.autograd.Function):
         # forward runs under no_grad; needs_input_grad says whether a backward can come.
         save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 6))
         dummy = counts_E  # stands in for absent pointers; never read
+        use_tma = tma_enabled(dev, S * D * F)
 
         h_SF = _empty(S, F, dtype=dt, device=dev)
         g_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
         u_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
+        tma = device_tma(use_tma, w_gate_EDF, w_up_EDF)
         gate_up_fwd[_row_grid(S, E, F, progs)](
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
-            E, D, F, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec,
+            E, D, F, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
         if gather:
             # Accumulator for the scatter-add (top-k rows meet in one token row).
             out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
         else:
             out = out_buf if out_buf is not None else _empty(S, D, dtype=dt, device=dev)
+        tma = device_tma(use_tma, h_SF, w_down_EFD)
         down_fwd[_row_grid(S, E, D, progs)](
             h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if gather else dummy,
-            counts_E, out, E, D, F, out.shape[0],
-            SCATTER=gather, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec,
+            counts_E, out, E, D, F, S, out.shape[0],
+            SCATTER=gather, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
         if gather and out.dtype != dt:
             out = out.to(dt)
@@ -133,12 +140,14 @@ class GroupedSwiGLU(torch.autograd.Function):
         e_pow2 = _e_pow2(E)
         prec = _dot_precision(dt)
         dummy = counts_E
+        use_tma = tma_enabled(dev, S * D * F)
         dy = grad_out.to(dt).contiguous()
 
         a_SF = _empty(S, F, dtype=dt, device=dev)
+        tma = device_tma(use_tma, w_down_EFD)
         dh_bwd[_row_grid(S, E, F, progs)](
             dy, row_idx_S if gather else dummy, w_down_EFD, counts_E, a_SF, E, D, F,
-            GATHER=gather, E_POW2=e_pow2, DOT_PREC=prec,
+            GATHER=gather, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
         dg_SF = _empty(S, F, dtype=dt, device=dev)
         du_SF = _empty(S, F, dtype=dt, device=dev)
@@ -161,15 +170,17 @@ class GroupedSwiGLU(torch.autograd.Function):
             counts_R = counts_E[order_E]
             order_E = order_E.to(torch.int32)
             d_wd = _empty(E, F, D, dtype=dt, device=dev)
+            tma, (hc, dwd) = tma_args(use_tma, hc_SF, d_wd)
             dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
-                hc_SF, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, d_wd, D, F,
-                GATHER=gather, DOT_PREC=prec,
+                hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
+                GATHER=gather, DOT_PREC=prec, TMA=tma,
             )
             d_wg = _empty(E, D, F, dtype=dt, device=dev)
             d_wu = _empty(E, D, F, dtype=dt, device=dev)
+            tma, (dg, du, dwg, dwu) = tma_args(use_tma, dg_SF, du_SF, d_wg, d_wu)
             dw_gate_up_bwd[lambda m: (E * triton.cdiv(D, m["BM"]) * triton.cdiv(F, m["BN"]),)](
-                x, dg_SF, du_SF, row_idx_S if gather else dummy, order_E, starts_R, counts_R, d_wg, d_wu, D, F,
-                GATHER=gather, DOT_PREC=prec,
+                x, dg, du, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwg, dwu, D, F,
+                GATHER=gather, DOT_PREC=prec, TMA=tma,
             )
         del hc_SF
 
@@ -179,9 +190,11 @@ class GroupedSwiGLU(torch.autograd.Function):
                 dx = torch.zeros(x.shape[0], D, dtype=_scatter_dtype(dt), device=dev)
             else:
                 dx = ctx.grad_x_buf(x.shape[0]) if ctx.grad_x_buf is not None else _empty(x.shape[0], D, dtype=dt, device=dev)
+            tma = device_tma(use_tma, dg_SF, du_SF, w_gate_EDF, w_up_EDF)
             dx_bwd[_row_grid(S, E, D, progs)](
-                dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if gather else dummy, counts_E, dx, E, D, F, dx.shape[0],
-                SCATTER=gather, E_POW2=e_pow2, DOT_PREC=prec,
+                dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if gather else dummy, counts_E, dx, E, D, F, S,
+                dx.shape[0],
+                SCATTER=gather, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
             )
             if gather and dx.dtype != dt:
                 dx = dx.to(dt)

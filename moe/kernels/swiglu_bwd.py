@@ -11,6 +11,12 @@ With dy the gradient of the output (read at the token's row in gather mode) and 
   row in gather mode.
 The weight-gradient kernels take one program per output tile, experts ordered by descending row count,
 so the long tiles of a hot expert start first and skewed routing does not leave a tail.
+
+With TMA (see `_tiles.TMA_MODE`) weight tiles and contiguous row tiles come through tensor descriptors
+and the weight gradients are stored through one. In the weight-gradient kernels the descriptor-loaded
+operand is not masked past the expert's rows: the other operand (pointer-loaded, masked) is zero
+there, so those rows add 0 * finite values (rows of the next expert, zeroed padding, or TMA's zero
+fill past the end).
 """
 from __future__ import annotations
 
@@ -28,13 +34,13 @@ from moe.kernels._tiles import (
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1),
               (128, 256, 64, 8, 4)], persistent=True,
     ),
-    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1)},
+    key=["D", "F", "GATHER", "TMA"], prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1)},
 )
 @triton.jit
 def dh_bwd(
     dy_ptr, row_idx_ptr, wd_ptr, counts_ptr, a_ptr,
     E, D, F,
-    GATHER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATHER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
 ):
     """a = dy_rows @ w_down[e]^T, stored per sorted row.
@@ -42,6 +48,8 @@ def dh_bwd(
     The SwiGLU backward is a separate row kernel: fused here its epilogue held five fp32 tiles and
     spilled, and the GEMM ran at half the speed of the others (measured on H100).
     """
+    if TMA:
+        wd_desc = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BN, BK])
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -61,15 +69,19 @@ def dh_bwd(
         offs_k = tl.arange(0, BK)
         a_ptrs = dy_ptr + src[:, None] * D + offs_k[None, :]
         # B[k, n] = w_down[e][n, k]: w_down read transposed, no transposed copy made.
-        b_ptrs = wd_ptr + e.to(tl.int64) * F * D + offs_nw[None, :] * D + offs_k[:, None]
+        if not TMA:
+            b_ptrs = wd_ptr + e.to(tl.int64) * F * D + offs_nw[None, :] * D + offs_k[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(D, BK)):
             k_ok = offs_k < D - k * BK
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if TMA:
+                b = tl.trans(wd_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                b_ptrs += BK
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             a_ptrs += BK
-            b_ptrs += BK
         o_off = offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
         o_mask = row_ok[:, None] & (offs_n[None, :] < F)
         tl.store(a_ptr + o_off, acc.to(a_ptr.dtype.element_ty), mask=o_mask)
@@ -131,16 +143,21 @@ def swiglu_bwd_rows(
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
               (128, 256, 64, 8, 4)], persistent=True,
     ),
-    key=["D", "F", "SCATTER"], reset_to_zero=["dx_ptr"],
+    key=["D", "F", "SCATTER", "TMA"], reset_to_zero=["dx_ptr"],
     prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1)},
 )
 @triton.jit
 def dx_bwd(
     dg_ptr, du_ptr, wg_ptr, wu_ptr, row_idx_ptr, counts_ptr, dx_ptr,
-    E, D, F, dx_rows,
-    SCATTER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    E, D, F, S, dx_rows,
+    SCATTER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
 ):
+    if TMA:
+        dg_desc = tl.make_tensor_descriptor(dg_ptr, [S, F], [F, 1], [BM, BK])
+        du_desc = tl.make_tensor_descriptor(du_ptr, [S, F], [F, 1], [BM, BK])
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -155,29 +172,39 @@ def dx_bwd(
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_nw = offs_n % D
         offs_k = tl.arange(0, BK)
-        w_base = e.to(tl.int64) * D * F
-        ag_ptrs = dg_ptr + rows[:, None] * F + offs_k[None, :]
-        au_ptrs = du_ptr + rows[:, None] * F + offs_k[None, :]
-        # B[k, n] = w[e][n, k] (w is [D, F]): read transposed in place.
-        bg_ptrs = wg_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
-        bu_ptrs = wu_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
+        if not TMA:
+            w_base = e.to(tl.int64) * D * F
+            ag_ptrs = dg_ptr + rows[:, None] * F + offs_k[None, :]
+            au_ptrs = du_ptr + rows[:, None] * F + offs_k[None, :]
+            # B[k, n] = w[e][n, k] (w is [D, F]): read transposed in place.
+            bg_ptrs = wg_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
+            bu_ptrs = wu_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         # Two loops rather than one with both products: each stage then holds one A and one B tile,
         # which leaves shared memory for a deeper pipeline.
         for k in range(0, tl.cdiv(F, BK)):
-            k_ok = offs_k < F - k * BK
-            ag = tl.load(ag_ptrs, mask=k_ok[None, :], other=0.0)
-            bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
+            if TMA:
+                # Rows past the expert's end are read, and their results dropped at the store.
+                ag = dg_desc.load([m_start, k * BK])
+                bg = tl.trans(wg_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
+            else:
+                k_ok = offs_k < F - k * BK
+                ag = tl.load(ag_ptrs, mask=k_ok[None, :], other=0.0)
+                bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
+                ag_ptrs += BK
+                bg_ptrs += BK
             acc = tl.dot(ag, bg, acc, input_precision=DOT_PREC)
-            ag_ptrs += BK
-            bg_ptrs += BK
         for k in range(0, tl.cdiv(F, BK)):
-            k_ok = offs_k < F - k * BK
-            au = tl.load(au_ptrs, mask=k_ok[None, :], other=0.0)
-            bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
+            if TMA:
+                au = du_desc.load([m_start, k * BK])
+                bu = tl.trans(wu_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
+            else:
+                k_ok = offs_k < F - k * BK
+                au = tl.load(au_ptrs, mask=k_ok[None, :], other=0.0)
+                bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
+                au_ptrs += BK
+                bu_ptrs += BK
             acc = tl.dot(au, bu, acc, input_precision=DOT_PREC)
-            au_ptrs += BK
-            bu_ptrs += BK
         o_mask = row_ok[:, None] & (offs_n[None, :] < D)
         if SCATTER:
             dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
@@ -195,23 +222,25 @@ def dx_bwd(
 @triton.autotune(
     configs=tile_configs(
         [(128, 128, 64, 8, 5), (128, 256, 64, 8, 5), (128, 128, 64, 4, 5), (128, 128, 64, 8, 4),
-         (128, 128, 32, 4, 2)],
+         (128, 128, 32, 4, 2), (128, 128, 64, 4, 2)],
         wide=[(128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 5), (64, 128, 64, 4, 3),
               (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
               # few stages: a short K loop (an expert's rows) needs little pipelining, and smaller
               # shared memory lets more programs share an SM to hide their load latency
-              (128, 128, 64, 8, 2), (128, 256, 64, 8, 2), (64, 256, 64, 4, 2), (128, 128, 64, 4, 2),
+              (128, 128, 64, 8, 2), (128, 256, 64, 8, 2), (64, 256, 64, 4, 2),
               (64, 128, 64, 4, 2), (64, 128, 32, 4, 3), (128, 256, 32, 8, 2),
               (64, 256, 32, 4, 2), (128, 128, 32, 4, 3), (128, 128, 16, 4, 2), (256, 128, 32, 8, 2),
               (128, 64, 32, 4, 2)],
+        tma_blocks={"hc_ptr": ("BK", "BM"), "dwd_ptr": (1, "BM", "BN")},
     ),
-    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("hc_ptr", 1, index_in_loop=True)},
+    key=["D", "F", "GATHER", "TMA"],
+    prune_configs_by={"early_config_prune": smem_prune("hc_ptr", 1, index_in_loop=True)},
 )
 @triton.jit
 def dw_down_bwd(
     hc_ptr, dy_ptr, row_idx_ptr, order_ptr, starts_ptr, counts_ptr, dwd_ptr,
     D, F,
-    GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATHER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Tile (f block, d block) of dw_down[e], K = the expert's rows.
@@ -239,13 +268,19 @@ def dw_down_bwd(
             src = tl.load(row_idx_ptr + rows, mask=k_ok, other=0).to(tl.int64)
         else:
             src = rows.to(tl.int64)
-        a = tl.load(hc_ptr + rows.to(tl.int64)[:, None] * F + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
+        if TMA:
+            a = hc_ptr.load([start + k0, pid_m * BM])
+        else:
+            a = tl.load(hc_ptr + rows.to(tl.int64)[:, None] * F + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
         b = tl.load(dy_ptr + src[:, None] * D + offs_nw[None, :], mask=k_ok[:, None], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
     # An expert with no rows runs no iteration and stores exact zeros: its gradient is 0, not None.
-    o_off = e.to(tl.int64) * F * D + offs_m[:, None] * D + offs_n[None, :]
-    o_mask = (offs_m[:, None] < F) & (offs_n[None, :] < D)
-    tl.store(dwd_ptr + o_off, acc.to(dwd_ptr.dtype.element_ty), mask=o_mask)
+    if TMA:
+        dwd_ptr.store([e, pid_m * BM, pid_n * BN], acc.to(dwd_ptr.dtype).reshape(1, BM, BN))
+    else:
+        o_off = e.to(tl.int64) * F * D + offs_m[:, None] * D + offs_n[None, :]
+        o_mask = (offs_m[:, None] < F) & (offs_n[None, :] < D)
+        tl.store(dwd_ptr + o_off, acc.to(dwd_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.autotune(
@@ -257,14 +292,17 @@ def dw_down_bwd(
               (64, 128, 64, 4, 2), (128, 128, 64, 8, 2), (64, 256, 64, 8, 2), (128, 64, 64, 4, 2),
               (64, 128, 32, 4, 3), (64, 64, 64, 4, 2), (64, 128, 16, 4, 2), (64, 64, 32, 4, 2),
               (64, 256, 32, 8, 2), (128, 128, 32, 8, 2)],
+        tma_blocks={"dg_ptr": ("BK", "BN"), "du_ptr": ("BK", "BN"), "dwg_ptr": (1, "BM", "BN"),
+                    "dwu_ptr": (1, "BM", "BN")},
     ),
-    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, index_in_loop=True)},
+    key=["D", "F", "GATHER", "TMA"],
+    prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, index_in_loop=True)},
 )
 @triton.jit
 def dw_gate_up_bwd(
     x_ptr, dg_ptr, du_ptr, row_idx_ptr, order_ptr, starts_ptr, counts_ptr, dwg_ptr, dwu_ptr,
     D, F,
-    GATHER: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATHER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Tile (d block, f block) of dw_gate[e] and dw_up[e], K = the expert's rows.
@@ -295,12 +333,21 @@ def dw_gate_up_bwd(
             src = rows.to(tl.int64)
         a = tl.load(x_ptr + src[:, None] * D + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
         a_t = tl.trans(a)
-        r_off = rows.to(tl.int64)[:, None] * F + offs_nw[None, :]
-        bg = tl.load(dg_ptr + r_off, mask=k_ok[:, None], other=0.0)
-        bu = tl.load(du_ptr + r_off, mask=k_ok[:, None], other=0.0)
+        if TMA:
+            bg = dg_ptr.load([start + k0, pid_n * BN])
+            bu = du_ptr.load([start + k0, pid_n * BN])
+        else:
+            r_off = rows.to(tl.int64)[:, None] * F + offs_nw[None, :]
+            bg = tl.load(dg_ptr + r_off, mask=k_ok[:, None], other=0.0)
+            bu = tl.load(du_ptr + r_off, mask=k_ok[:, None], other=0.0)
         acc_g = tl.dot(a_t, bg, acc_g, input_precision=DOT_PREC)
         acc_u = tl.dot(a_t, bu, acc_u, input_precision=DOT_PREC)
-    o_off = e.to(tl.int64) * D * F + offs_m[:, None] * F + offs_n[None, :]
-    o_mask = (offs_m[:, None] < D) & (offs_n[None, :] < F)
-    tl.store(dwg_ptr + o_off, acc_g.to(dwg_ptr.dtype.element_ty), mask=o_mask)
-    tl.store(dwu_ptr + o_off, acc_u.to(dwu_ptr.dtype.element_ty), mask=o_mask)
+    if TMA:
+        dt = dwg_ptr.dtype
+        dwg_ptr.store([e, pid_m * BM, pid_n * BN], acc_g.to(dt).reshape(1, BM, BN))
+        dwu_ptr.store([e, pid_m * BM, pid_n * BN], acc_u.to(dt).reshape(1, BM, BN))
+    else:
+        o_off = e.to(tl.int64) * D * F + offs_m[:, None] * F + offs_n[None, :]
+        o_mask = (offs_m[:, None] < D) & (offs_n[None, :] < F)
+        tl.store(dwg_ptr + o_off, acc_g.to(dwg_ptr.dtype.element_ty), mask=o_mask)
+        tl.store(dwu_ptr + o_off, acc_u.to(dwu_ptr.dtype.element_ty), mask=o_mask)

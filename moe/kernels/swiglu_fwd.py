@@ -6,6 +6,11 @@ Both are persistent grouped GEMMs over row tiles of all experts in one launch:
   permuted copy of the activations is made.
 - `down_fwd`: y = h @ w_down[e], times the gate weight in the epilogue, stored in place (pre-grouped) or
   atomically added to the token's output row (gather mode: the scatter-add is fused into the epilogue).
+
+With TMA (Hopper and later; see `_tiles.TMA_MODE`) the weight tiles, and the contiguous h rows of the
+down projection, come through tensor descriptors: the copy engine fetches them, so no registers hold
+their addresses and the K and column tails come back zero-filled without masks. Gathered rows stay on
+pointer loads (Hopper's TMA has no row gather).
 """
 from __future__ import annotations
 
@@ -15,22 +20,26 @@ import triton.language as tl
 from moe.kernels._tiles import expert_blocks, locate_block, smem_prune, swizzle, tile_configs, zero_tail_rows
 
 
-# Lists chosen by MOE_TRITON_TUNE=wide on an H100 over the four benchmark shapes (BENCHMARKS.md).
+# Lists chosen by MOE_TRITON_TUNE=wide on an H100, and on an H200 with TMA, over the four benchmark
+# shapes (BENCHMARKS.md).
 @triton.autotune(
     configs=tile_configs(
-        [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3)],
+        [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
         wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 1),
-              (64, 256, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True,
+              (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True,
     ),
-    key=["D", "F", "GATHER"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2)},
+    key=["D", "F", "GATHER", "TMA"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2)},
 )
 @triton.jit
 def gate_up_fwd(
     x_ptr, row_idx_ptr, wg_ptr, wu_ptr, counts_ptr, h_ptr, g_ptr, u_ptr,
     E, D, F,
-    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
 ):
+    if TMA:
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -50,22 +59,27 @@ def gate_up_fwd(
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_nw = offs_n % F  # in-bounds weight columns; columns >= F are dropped at the store
         offs_k = tl.arange(0, BK)
-        w_base = e.to(tl.int64) * D * F
         a_ptrs = x_ptr + src[:, None] * D + offs_k[None, :]
-        bg_ptrs = wg_ptr + w_base + offs_k[:, None] * F + offs_nw[None, :]
-        bu_ptrs = wu_ptr + w_base + offs_k[:, None] * F + offs_nw[None, :]
+        if not TMA:
+            w_base = e.to(tl.int64) * D * F
+            bg_ptrs = wg_ptr + w_base + offs_k[:, None] * F + offs_nw[None, :]
+            bu_ptrs = wu_ptr + w_base + offs_k[:, None] * F + offs_nw[None, :]
         acc_g = tl.zeros((BM, BN), dtype=tl.float32)
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(D, BK)):
             k_ok = offs_k < D - k * BK
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
-            bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
+            if TMA:
+                bg = wg_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
+                bu = wu_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
+            else:
+                bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
+                bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
+                bg_ptrs += BK * F
+                bu_ptrs += BK * F
             acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PREC)
             acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
             a_ptrs += BK
-            bg_ptrs += BK * F
-            bu_ptrs += BK * F
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         o_off = offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
         o_mask = row_ok[:, None] & (offs_n[None, :] < F)
@@ -81,16 +95,19 @@ def gate_up_fwd(
         wide=[(64, 128, 64, 4, 4), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
               (128, 256, 64, 8, 4)], persistent=True,
     ),
-    key=["D", "F", "SCATTER"], reset_to_zero=["out_ptr"],
+    key=["D", "F", "SCATTER", "TMA"], reset_to_zero=["out_ptr"],
     prune_configs_by={"early_config_prune": smem_prune("h_ptr", 1)},
 )
 @triton.jit
 def down_fwd(
     h_ptr, wd_ptr, gate_ptr, row_idx_ptr, counts_ptr, out_ptr,
-    E, D, F, out_rows,
-    SCATTER: tl.constexpr, HAS_GATE: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr,
+    E, D, F, S, out_rows,
+    SCATTER: tl.constexpr, HAS_GATE: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
 ):
+    if TMA:
+        h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BK])
+        wd_desc = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BK, BN])
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -105,16 +122,23 @@ def down_fwd(
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_nw = offs_n % D
         offs_k = tl.arange(0, BK)
-        a_ptrs = h_ptr + rows[:, None] * F + offs_k[None, :]
-        b_ptrs = wd_ptr + e.to(tl.int64) * F * D + offs_k[:, None] * D + offs_nw[None, :]
+        if not TMA:
+            a_ptrs = h_ptr + rows[:, None] * F + offs_k[None, :]
+            b_ptrs = wd_ptr + e.to(tl.int64) * F * D + offs_k[:, None] * D + offs_nw[None, :]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(F, BK)):
-            k_ok = offs_k < F - k * BK
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if TMA:
+                # Rows of the tile past its expert's end belong to the next expert: their results are
+                # dropped at the store, and a row's output depends on that row alone.
+                a = h_desc.load([m_start, k * BK])
+                b = wd_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
+            else:
+                k_ok = offs_k < F - k * BK
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                a_ptrs += BK
+                b_ptrs += BK * D
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-            a_ptrs += BK
-            b_ptrs += BK * D
         if HAS_GATE:
             gate = tl.load(gate_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
             acc = acc * gate[:, None]
