@@ -28,10 +28,10 @@ WIDE_TUNE = os.environ.get("MOE_TRITON_TUNE", "") == "wide"
 # benchmark can compare the two in one process.
 TMA_MODE = os.environ.get("MOE_TRITON_TMA", "auto")
 # Rows x D x F below which "auto" keeps pointer loads. On an H200 TMA cut the GPU time of a layer's
-# forward+backward by ~5-10% but added ~0.2 ms of host time per forward+backward (BENCHMARKS.md); the
-# two break even near a 2.7 ms forward+backward, i.e. 18 * S*D*F FLOPs at ~450 TFLOP/s, S*D*F ~ 2^36.
-# deepseek_small's layer (2^35) stays on pointers; the larger benchmark layers (2^38 and up) use TMA.
-TMA_MIN_WORK = 2**36
+# forward+backward by ~5-10% but added ~0.2 ms of host time per forward+backward (BENCHMARKS.md). The
+# benchmark layers lost with TMA at 2^35 and won at 2^38 and up, and deepseek_small training at 2^36
+# per layer ran 5% slower with it; the threshold sits between the loss and the wins.
+TMA_MIN_WORK = 2**37
 
 Spec = tuple[int, ...]  # (BM, BN, BK, num_warps, num_stages[, programs per SM])
 
