@@ -95,8 +95,8 @@ def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
 def device_tma(use_tma: bool, *tensors: torch.Tensor) -> bool:
     """TMA flag for a persistent kernel that builds its descriptors on the device, once per program.
 
-    Building them there costs the host nothing, where a host descriptor adds ~10 us of Python per
-    launch (measured on an H200), which shows on small layers. Triton takes the descriptors' scratch
+    Building them there costs the host nothing, where a host-built descriptor added 15-25 us of host
+    time to a launch (one descriptor, measured on an H200), which shows on small layers. Triton takes the descriptors' scratch
     from an allocator held in a context variable, so it is set in the launching thread (autograd
     runs backward in its own thread).
     """
