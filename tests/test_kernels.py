@@ -212,3 +212,14 @@ def test_tma_policy(monkeypatch):
     assert tiles.tma_enabled(gpu, 1)
     monkeypatch.setattr(tiles, "TMA_MODE", "0")
     assert not tiles.tma_enabled(gpu, tiles.TMA_MIN_WORK)
+
+
+def test_bad_tma_mode_is_refused():
+    """A mistyped MOE_TRITON_TMA fails at import, naming the value and the allowed ones."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOE_TRITON_TMA": "yes"}
+    r = subprocess.run([sys.executable, "-c", "import moe.kernels._tiles"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "MOE_TRITON_TMA='yes' is not one of 'auto', '0', '1'" in r.stderr

@@ -27,6 +27,8 @@ WIDE_TUNE = os.environ.get("MOE_TRITON_TUNE", "") == "wide"
 # interpreter, where the tests run both paths); "0" never. Read at each launch (`tma_enabled`), so a
 # benchmark can compare the two in one process.
 TMA_MODE = os.environ.get("MOE_TRITON_TMA", "auto")
+if TMA_MODE not in ("auto", "0", "1"):
+    raise ValueError(f"MOE_TRITON_TMA={TMA_MODE!r} is not one of 'auto', '0', '1'; unset it for 'auto'")
 # Rows x D x F below which "auto" keeps pointer loads. On an H200 TMA cut the GPU time of a layer's
 # forward+backward by ~5-10% but added ~0.2 ms of host time per forward+backward (BENCHMARKS.md). The
 # benchmark layers lost with TMA at 2^35 and won at 2^38 and up, and deepseek_small training at 2^36

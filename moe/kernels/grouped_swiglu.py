@@ -126,6 +126,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         if save:
             ctx.save_for_backward(x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF)
             ctx.grad_x_buf = grad_x_buf
+            ctx.use_tma = use_tma
         return out
 
     @staticmethod
@@ -140,7 +141,7 @@ class GroupedSwiGLU(torch.autograd.Function):
         e_pow2 = _e_pow2(E)
         prec = _dot_precision(dt)
         dummy = counts_E
-        use_tma = tma_enabled(dev, S * D * F)
+        use_tma = ctx.use_tma  # the forward's choice: both passes take the same path
         dy = grad_out.to(dt).contiguous()
 
         a_SF = _empty(S, F, dtype=dt, device=dev)
