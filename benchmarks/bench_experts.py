@@ -57,10 +57,15 @@ LOOP_MAX_EXPERTS = 64
 
 
 def make_routing(s: Shape, skew: str, gen: torch.Generator, device: torch.device):
-    """Top-k routing; `zipf`: expert popularity ~ 1/rank (random expert order), k distinct per token."""
+    """Top-k routing; `zipf`: expert popularity ~ 1/rank (random expert order), k distinct per token;
+    `balanced`: exactly T*k/E rows per expert (token t takes experts t*k .. t*k+k-1 mod E), which
+    shows what the partial row tiles of random routing cost."""
     u = torch.rand(s.T, s.E, device=device, generator=gen)
     if skew == "uniform":
         scores = u
+    elif skew == "balanced":
+        t = torch.arange(s.T, device=device)[:, None]
+        scores = torch.zeros(s.T, s.E, device=device).scatter_(1, (t * s.k + torch.arange(s.k, device=device)) % s.E, 1.0)
     else:
         rank = torch.randperm(s.E, device=device, generator=gen)
         # Gumbel top-k of log p samples k distinct experts with probabilities p, without replacement.
@@ -150,13 +155,13 @@ def bench_dense(name: str, s: Shape, iters: int, warmup: int, device) -> dict:
     return row
 
 
-def profile_kernels(name: str, s: Shape, backends: list[str], device) -> None:
-    """Per-kernel GPU time of one forward+backward (uniform routing), from the torch profiler."""
+def profile_kernels(name: str, s: Shape, backends: list[str], device, skew: str = "uniform") -> None:
+    """Per-kernel GPU time of one forward+backward, from the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     gen = torch.Generator(device=device).manual_seed(0)
     leaves = [t.requires_grad_() for t in make_inputs(s, gen, device)]
-    row_idx_S, gate_S, counts_E = make_routing(s, "uniform", gen, device)
+    row_idx_S, gate_S, counts_E = make_routing(s, skew, gen, device)
     gate_S.requires_grad_()
     dy = torch.randn(s.T, s.D, device=device, generator=gen).to(torch.bfloat16)
     for backend in backends:
@@ -181,7 +186,7 @@ def profile_kernels(name: str, s: Shape, backends: list[str], device) -> None:
         spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
                  if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
         span = (max(b for _, b in spans) - min(a for a, _ in spans)) / reps / 1e3 if spans else float("nan")
-        print(f"# profile {name} {backend}: {total:.3f} ms of kernels per fwd+bwd, first-to-last span "
+        print(f"# profile {name} {skew} {backend}: {total:.3f} ms of kernels per fwd+bwd, first-to-last span "
               f"{span:.3f} ms (GPU idle {span - total:.3f} ms)", flush=True)
         for e in evs[:12]:
             print(f"#   {e.device_time_total / reps / 1e3:8.3f} ms  x{e.count // reps:<3d} {e.key[:90]}", flush=True)
@@ -241,6 +246,7 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="bf16 correctness check against the fp32 torch backend first")
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd per shape")
+    ap.add_argument("--profile-skews", default="uniform", help="routings --profile runs")
     args = ap.parse_args()
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -257,7 +263,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         print_autotune_choices()
         if args.profile:
-            profile_kernels(name, s, args.backends.split(","), device)
+            for skew in args.profile_skews.split(","):
+                profile_kernels(name, s, args.backends.split(","), device, skew)
             torch.cuda.empty_cache()
     print_autotune_choices()
     if args.json:
