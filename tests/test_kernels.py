@@ -21,11 +21,8 @@ os.environ.setdefault("MOE_TRITON_AUTOTUNE", "0")
 
 pytest.importorskip("triton")
 
-import triton  # noqa: E402
-
 import moe.kernels._tiles as tiles  # noqa: E402
 import moe.kernels.grouped_swiglu as gs  # noqa: E402
-from moe.kernels import swiglu_bwd, swiglu_fwd  # noqa: E402
 from moe.model.experts import routed_experts  # noqa: E402
 
 DEVICE = "cuda" if _ON_GPU else "cpu"
@@ -118,37 +115,15 @@ def _tma_fits(D: int, F: int, dtype: torch.dtype) -> bool:
     return D * es % 16 == 0 and F * es % 16 == 0
 
 
-def _paired_tiles(monkeypatch, on: bool) -> int:
-    """Make the row-tile kernels that can pair row blocks (PAIR) take that path, or not; returns how
-    many kernels were switched. Keeps the configs with the asked PAIR (flips them if there are none)
-    and drops the autotune cache, so the next launch takes the asked path."""
-    switched = 0
-    for mod in (swiglu_fwd, swiglu_bwd):
-        for k in vars(mod).values():
-            if not isinstance(k, triton.runtime.Autotuner) or "PAIR" not in k.configs[0].kwargs:
-                continue
-            keep = [c for c in k.configs if c.kwargs["PAIR"] == on] or [
-                triton.Config({**c.kwargs, "PAIR": on}, num_warps=c.num_warps, num_stages=c.num_stages,
-                              pre_hook=c.pre_hook) for c in k.configs]
-            monkeypatch.setattr(k, "configs", keep)
-            monkeypatch.setattr(k, "cache", {})
-            switched += 1
-    return switched
-
-
-@pytest.mark.parametrize("rows", ["single", "paired"])
 @pytest.mark.parametrize("path", ["tma", "pointers"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
 @pytest.mark.parametrize("mode", ["gather", "grouped"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_matches_torch_backend(case, mode, with_gate, dtype, path, rows, monkeypatch):
+def test_matches_torch_backend(case, mode, with_gate, dtype, path, monkeypatch):
     name, E, D, F, counts, T = case
     if dtype == DTYPES[1] and name not in SECOND_DTYPE_CASES:
         pytest.skip(f"{dtype} runs on {SECOND_DTYPE_CASES} only")
-    if rows == "paired" and (dtype != DTYPES[0] or not with_gate):
-        pytest.skip("paired row tiles run in the first dtype, with the gate")
-    assert _paired_tiles(monkeypatch, rows == "paired") >= 1
     if path == "tma" and _ON_GPU and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9 or later")
     seed = 1000 + len(name) * 7 + E

@@ -40,23 +40,19 @@ Spec = tuple[int, ...]  # (BM, BN, BK, num_warps, num_stages[, programs per SM])
 
 def tile_configs(
     specs: list[Spec], wide: list[Spec] = (), persistent: bool = False, tma_blocks: dict | None = None,
-    paired: bool = False,
 ) -> list[triton.Config]:
     """Autotune configs; the first is the default.
 
     Hopper sizes: 128-row tiles feed wgmma's 64-row warpgroup instructions twice over with 8 warps;
     BK=64 bf16 gives 128-byte rows for the async copies; stages are bounded by the 227 KB of shared
     memory. Persistent kernels also take PPS, programs per SM: 2 lets one program's epilogue overlap
-    another's main loop where two fit in shared memory. `paired` kernels also take PAIR (the spec's
-    seventh entry, see `row_units`). `tma_blocks` (argument name -> block dims, as ints or config keys)
-    sizes the blocks of the arguments that arrive as tensor descriptors.
+    another's main loop where two fit in shared memory. `tma_blocks` (argument name -> block dims, as
+    ints or config keys) sizes the blocks of the arguments that arrive as tensor descriptors.
     """
     hook = _block_shape_hook(tma_blocks) if tma_blocks else None
     if INTERPRET:
         # 16 is tl.dot's smallest size; tiny tiles make the tests cross tile and expert borders.
         meta = {"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2} | ({"PPS": 1} if persistent else {})
-        if paired:
-            meta["PAIR"] = False  # tests swap in PAIR=True to run the other path
         return [triton.Config(meta, num_warps=4, num_stages=1, pre_hook=hook)]
     cfgs = []
     for spec in list(specs) + (list(wide) if WIDE_TUNE else []):
@@ -64,8 +60,6 @@ def tile_configs(
         meta = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}
         if persistent:
             meta["PPS"] = spec[5] if len(spec) > 5 else 1
-        if paired:
-            meta["PAIR"] = bool(spec[6]) if len(spec) > 6 else False
         cfgs.append(triton.Config(meta, num_warps=w, num_stages=st, pre_hook=hook))
     return cfgs
 
@@ -134,7 +128,7 @@ SMEM_BYTES = 232448 - 2048
 def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False):
     """`early_config_prune` dropping configs whose pipeline buffers exceed shared memory.
 
-    Per stage a kernel holds one [BM, BK] A tile (two when PAIR) and `b_tiles` [BK, BN] B tiles of the dtype of
+    Per stage a kernel holds one [BM, BK] A tile and `b_tiles` [BK, BN] B tiles of the dtype of
     argument `a_ptr` (fp32 needs twice bf16's room). Triton keeps `num_stages` buffers, except where
     the gather index is loaded inside the K loop (weight-gradient kernels in gather mode): that load
     takes two of the stages (seen in the compiled kernels). With MOE_TRITON_AUTOTUNE=0 the first
@@ -148,9 +142,8 @@ def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False):
 
         def need(c: triton.Config) -> int:
             bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
-            a_tiles = 2 if c.kwargs.get("PAIR") else 1
             buffers = max(1, c.num_stages - 2) if (index_in_loop and gather) else c.num_stages
-            return buffers * (a_tiles * bm * bk + b_tiles * bk * bn) * esize
+            return buffers * (bm * bk + b_tiles * bk * bn) * esize
 
         fitting = [c for c in configs if need(c) <= SMEM_BYTES]
         if not fitting:  # fp32 operands on lists sized for bf16: a small tile that always fits
@@ -228,81 +221,3 @@ def zero_tail_rows(out_ptr, first_row, num_rows, N, pid, nprog, BM: tl.constexpr
             cols = c0 + offs_c
             mask = (rows[:, None] < num_rows) & (cols[None, :] < N)
             tl.store(out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], zeros, mask=mask)
-
-
-@triton.jit
-def row_source(row_idx_ptr, offs_m, row_ok, fallback, GATHER: tl.constexpr):
-    """Source row of each tile row: through `row_idx` in gather mode, else the sorted row itself.
-
-    Rows past the expert's end read a valid row (`fallback`) instead of being masked, so the loads stay
-    unmasked along M; their results are dropped at the store.
-    """
-    if GATHER:
-        return tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
-    return tl.where(row_ok, offs_m, fallback).to(tl.int64)
-
-
-@triton.jit
-def rows_times_weight(
-    acc0, acc1, a, src0, src1, m_start, lda, w, e, pid_n, offs_nw, K, N,
-    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_T: tl.constexpr, TWO: tl.constexpr, DOT_PREC: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    """acc0 += A[rows0] @ B_e and, with TWO, acc1 += A[rows1] @ B_e, over K, each B tile loaded once.
-
-    A is [*, K] with row stride `lda`: a descriptor (A_DESC: contiguous rows from `m_start`, then the
-    next BM) or a pointer read at rows `src0`/`src1`. B_e is the [K, N] block of expert e: `w` holds
-    [E, K, N], or [E, N, K] read transposed (W_T); a descriptor with W_DESC. Columns are the BN block
-    `pid_n` (`offs_nw`: their in-bounds indices for pointer reads).
-    """
-    offs_k = tl.arange(0, BK)
-    if not A_DESC:
-        a0_ptrs = a + src0[:, None] * lda + offs_k[None, :]
-        a1_ptrs = a + src1[:, None] * lda + offs_k[None, :]
-    if not W_DESC:
-        if W_T:
-            b_ptrs = w + e.to(tl.int64) * K * N + offs_nw[None, :] * K + offs_k[:, None]
-            b_step = BK
-        else:
-            b_ptrs = w + e.to(tl.int64) * K * N + offs_k[:, None] * N + offs_nw[None, :]
-            b_step = BK * N
-    for k in range(0, tl.cdiv(K, BK)):
-        k_ok = offs_k < K - k * BK
-        if W_DESC:
-            if W_T:
-                b = tl.trans(w.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
-            else:
-                b = w.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
-        else:
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            b_ptrs += b_step
-        if A_DESC:
-            a0 = a.load([m_start, k * BK])
-        else:
-            a0 = tl.load(a0_ptrs, mask=k_ok[None, :], other=0.0)
-            a0_ptrs += BK
-        acc0 = tl.dot(a0, b, acc0, input_precision=DOT_PREC)
-        if TWO:
-            if A_DESC:
-                a1 = a.load([m_start + BM, k * BK])
-            else:
-                a1 = tl.load(a1_ptrs, mask=k_ok[None, :], other=0.0)
-                a1_ptrs += BK
-            acc1 = tl.dot(a1, b, acc1, input_precision=DOT_PREC)
-    return acc0, acc1
-
-
-@triton.jit
-def store_rows(out_ptr, acc, offs_m, row_ok, offs_n, N, row_idx_ptr, SCATTER: tl.constexpr):
-    """Write a [BM, BN] result tile to sorted rows `offs_m`, or add it to their token rows (SCATTER)."""
-    o_mask = row_ok[:, None] & (offs_n[None, :] < N)
-    if SCATTER:
-        # Several experts add into one token row: atomics, in the buffer's dtype (see grouped_swiglu).
-        dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
-        tl.atomic_add(
-            out_ptr + dst[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=o_mask,
-            sem="relaxed",
-        )
-    else:
-        o_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)

@@ -24,17 +24,15 @@ import triton
 import triton.language as tl
 
 from moe.kernels._tiles import (
-    AUTOTUNE, INTERPRET, expert_blocks, locate_block, row_source, rows_times_weight, smem_prune, store_rows,
-    swizzle, tile_configs, zero_tail_rows,
+    AUTOTUNE, INTERPRET, expert_blocks, locate_block, smem_prune, swizzle, tile_configs, zero_tail_rows,
 )
 
 
 @triton.autotune(
     configs=tile_configs(
-        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4, 1),
-         (128, 128, 64, 8, 3, 1, 1), (128, 128, 64, 8, 4, 1, 1), (64, 256, 64, 8, 3, 1, 1)],
+        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4, 1)],
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1),
-              (128, 256, 64, 8, 4), (64, 128, 64, 4, 4, 1, 1)], persistent=True, paired=True,
+              (128, 256, 64, 8, 4)], persistent=True,
     ),
     key=["D", "F", "GATHER", "TMA"], prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1)},
 )
@@ -44,46 +42,49 @@ def dh_bwd(
     E, D, F,
     GATHER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
-    PAIR: tl.constexpr,
 ):
     """a = dy_rows @ w_down[e]^T, stored per sorted row.
 
     The SwiGLU backward is a separate row kernel: fused here its epilogue held five fp32 tiles and
     spilled, and the GEMM ran at half the speed of the others (measured on H100).
     """
-    # B[k, n] = w_down[e][n, k]: w_down read transposed, no transposed copy made.
     if TMA:
-        wd = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BN, BK])
-    else:
-        wd = wd_ptr
+        wd_desc = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BN, BK])
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    UNIT: tl.constexpr = 2 * BM if PAIR else BM
-    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, UNIT)
+    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(F, BN)
     for tile in range(pid, num_m * num_n, nprog):
         pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
-        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, UNIT)
+        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
-        src = row_source(row_idx_ptr, offs_m, row_ok, m_start, GATHER)
+        if GATHER:
+            src = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+        else:
+            src = tl.where(row_ok, offs_m, m_start).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_nw = offs_n % F
+        offs_k = tl.arange(0, BK)
+        a_ptrs = dy_ptr + src[:, None] * D + offs_k[None, :]
+        # B[k, n] = w_down[e][n, k]: w_down read transposed, no transposed copy made.
+        if not TMA:
+            b_ptrs = wd_ptr + e.to(tl.int64) * F * D + offs_nw[None, :] * D + offs_k[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if PAIR and m_end - m_start > BM:
-            offs_m1 = offs_m + BM
-            row_ok1 = offs_m1 < m_end
-            src1 = row_source(row_idx_ptr, offs_m1, row_ok1, m_start, GATHER)
-            acc, acc1 = rows_times_weight(
-                acc, tl.zeros((BM, BN), dtype=tl.float32), dy_ptr, src, src1, m_start, D, wd, e, pid_n, offs_nw,
-                D, F, False, TMA, True, True, DOT_PREC, BM, BN, BK)
-            store_rows(a_ptr, acc1, offs_m1, row_ok1, offs_n, F, row_idx_ptr, False)
-        else:
-            acc, _ = rows_times_weight(
-                acc, acc, dy_ptr, src, src, m_start, D, wd, e, pid_n, offs_nw, D, F, False, TMA, True, False,
-                DOT_PREC, BM, BN, BK)
-        store_rows(a_ptr, acc, offs_m, row_ok, offs_n, F, row_idx_ptr, False)
+        for k in range(0, tl.cdiv(D, BK)):
+            k_ok = offs_k < D - k * BK
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            if TMA:
+                b = tl.trans(wd_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                b_ptrs += BK
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a_ptrs += BK
+        o_off = offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
+        o_mask = row_ok[:, None] & (offs_n[None, :] < F)
+        tl.store(a_ptr + o_off, acc.to(a_ptr.dtype.element_ty), mask=o_mask)
 
 
 def _rows_configs() -> list[triton.Config]:
@@ -138,10 +139,9 @@ def swiglu_bwd_rows(
 
 @triton.autotune(
     configs=tile_configs(
-        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, 1, 1), (128, 128, 64, 8, 4, 1, 1),
-         (64, 256, 64, 8, 3, 1, 1)],
+        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
-              (128, 256, 64, 8, 4), (64, 128, 64, 4, 4, 1, 1)], persistent=True, paired=True,
+              (128, 256, 64, 8, 4)], persistent=True,
     ),
     key=["D", "F", "SCATTER", "TMA"], reset_to_zero=["dx_ptr"],
     prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1)},
@@ -152,56 +152,69 @@ def dx_bwd(
     E, D, F, S, dx_rows,
     SCATTER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
-    PAIR: tl.constexpr,
 ):
-    # B[k, n] = w[e][n, k] (w is [D, F]): read transposed in place. Rows past the expert's end are
-    # read through the descriptors, and their results dropped at the store.
     if TMA:
-        dg = tl.make_tensor_descriptor(dg_ptr, [S, F], [F, 1], [BM, BK])
-        du = tl.make_tensor_descriptor(du_ptr, [S, F], [F, 1], [BM, BK])
-        wg = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
-        wu = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
-    else:
-        dg = dg_ptr
-        du = du_ptr
-        wg = wg_ptr
-        wu = wu_ptr
+        dg_desc = tl.make_tensor_descriptor(dg_ptr, [S, F], [F, 1], [BM, BK])
+        du_desc = tl.make_tensor_descriptor(du_ptr, [S, F], [F, 1], [BM, BK])
+        wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
+        wu_desc = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    UNIT: tl.constexpr = 2 * BM if PAIR else BM
-    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, UNIT)
+    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(D, BN)
     for tile in range(pid, num_m * num_n, nprog):
         pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
-        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, UNIT)
+        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
-        rows = row_source(row_idx_ptr, offs_m, row_ok, m_start, False)
+        rows = tl.where(row_ok, offs_m, m_start).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_nw = offs_n % D
+        offs_k = tl.arange(0, BK)
+        if not TMA:
+            w_base = e.to(tl.int64) * D * F
+            ag_ptrs = dg_ptr + rows[:, None] * F + offs_k[None, :]
+            au_ptrs = du_ptr + rows[:, None] * F + offs_k[None, :]
+            # B[k, n] = w[e][n, k] (w is [D, F]): read transposed in place.
+            bg_ptrs = wg_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
+            bu_ptrs = wu_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        # Two K loops (gate, then up) into one accumulator rather than one loop with both products:
-        # each stage then holds one A and one B tile, which leaves shared memory for a deeper pipeline.
-        if PAIR and m_end - m_start > BM:
-            offs_m1 = offs_m + BM
-            row_ok1 = offs_m1 < m_end
-            rows1 = row_source(row_idx_ptr, offs_m1, row_ok1, m_start, False)
-            acc, acc1 = rows_times_weight(
-                acc, tl.zeros((BM, BN), dtype=tl.float32), dg, rows, rows1, m_start, F, wg, e, pid_n, offs_nw,
-                F, D, TMA, TMA, True, True, DOT_PREC, BM, BN, BK)
-            acc, acc1 = rows_times_weight(
-                acc, acc1, du, rows, rows1, m_start, F, wu, e, pid_n, offs_nw, F, D, TMA, TMA, True, True,
-                DOT_PREC, BM, BN, BK)
-            store_rows(dx_ptr, acc1, offs_m1, row_ok1, offs_n, D, row_idx_ptr, SCATTER)
+        # Two loops rather than one with both products: each stage then holds one A and one B tile,
+        # which leaves shared memory for a deeper pipeline.
+        for k in range(0, tl.cdiv(F, BK)):
+            if TMA:
+                # Rows past the expert's end are read, and their results dropped at the store.
+                ag = dg_desc.load([m_start, k * BK])
+                bg = tl.trans(wg_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
+            else:
+                k_ok = offs_k < F - k * BK
+                ag = tl.load(ag_ptrs, mask=k_ok[None, :], other=0.0)
+                bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
+                ag_ptrs += BK
+                bg_ptrs += BK
+            acc = tl.dot(ag, bg, acc, input_precision=DOT_PREC)
+        for k in range(0, tl.cdiv(F, BK)):
+            if TMA:
+                au = du_desc.load([m_start, k * BK])
+                bu = tl.trans(wu_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
+            else:
+                k_ok = offs_k < F - k * BK
+                au = tl.load(au_ptrs, mask=k_ok[None, :], other=0.0)
+                bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
+                au_ptrs += BK
+                bu_ptrs += BK
+            acc = tl.dot(au, bu, acc, input_precision=DOT_PREC)
+        o_mask = row_ok[:, None] & (offs_n[None, :] < D)
+        if SCATTER:
+            dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
+            tl.atomic_add(
+                dx_ptr + dst[:, None] * D + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=o_mask,
+                sem="relaxed",
+            )
         else:
-            acc, _ = rows_times_weight(
-                acc, acc, dg, rows, rows, m_start, F, wg, e, pid_n, offs_nw, F, D, TMA, TMA, True, False,
-                DOT_PREC, BM, BN, BK)
-            acc, _ = rows_times_weight(
-                acc, acc, du, rows, rows, m_start, F, wu, e, pid_n, offs_nw, F, D, TMA, TMA, True, False,
-                DOT_PREC, BM, BN, BK)
-        store_rows(dx_ptr, acc, offs_m, row_ok, offs_n, D, row_idx_ptr, SCATTER)
+            o_off = offs_m.to(tl.int64)[:, None] * D + offs_n[None, :]
+            tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=o_mask)
     if not SCATTER:
         zero_tail_rows(dx_ptr, tl.sum(cnt, 0), dx_rows, D, pid, nprog, BM, BN)
 
