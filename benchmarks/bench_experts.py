@@ -23,19 +23,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe.kernels import _tiles, grouped_swiglu  # noqa: E402
+from moe.kernels import _tiles  # noqa: E402
 from moe.model.experts import routed_experts  # noqa: E402
 
 _TMA_DEFAULT = _tiles.TMA_MODE
 
 
 def run_experts(backend: str, *args):
-    """`routed_experts` by backend name. Variants of the Triton kernel, so one run shows what a piece
-    buys: "triton_ptr" with TMA off (pointer loads only), "triton_tiles" with one program per
-    weight-gradient tile instead of persistent programs."""
+    """`routed_experts` by backend name; "triton_ptr" is the Triton kernel with TMA off (pointer loads
+    only), so one run shows what the tensor descriptors buy."""
     _tiles.TMA_MODE = "0" if backend == "triton_ptr" else _TMA_DEFAULT
-    grouped_swiglu.DW_FLAT = backend != "triton_tiles"
-    return routed_experts(*args, backend="triton" if backend.startswith("triton") else backend)
+    return routed_experts(*args, backend="triton" if backend == "triton_ptr" else backend)
 
 
 @dataclass(frozen=True)
@@ -196,10 +194,10 @@ def profile_kernels(name: str, s: Shape, backends: list[str], device, skew: str 
 
 def print_autotune_choices() -> None:
     try:
-        from moe.kernels import swiglu_bwd, swiglu_dw, swiglu_fwd
+        from moe.kernels import swiglu_bwd, swiglu_fwd
     except ImportError:
         return
-    for mod in (swiglu_fwd, swiglu_bwd, swiglu_dw):
+    for mod in (swiglu_fwd, swiglu_bwd):
         for kname in dir(mod):
             k = getattr(mod, kname)
             for key, cfg in getattr(k, "cache", {}).items():
@@ -221,7 +219,7 @@ def check(device) -> list[dict]:
         row_idx_S, gate_S, counts_E = make_routing(s, skew, gen, device)
         dy = torch.randn(s.T, s.D, device=device, generator=gen)
         res = {}
-        checked = ("triton", "triton_ptr", "triton_tiles", "grouped_mm")
+        checked = ("triton", "triton_ptr", "grouped_mm")
         for backend, dtype in [(b, torch.bfloat16) for b in checked] + [("torch", torch.float32)]:
             leaves = [t.detach().to(dtype).requires_grad_() for t in (x, wg, wu, wd)]
             g = gate_S.detach().clone().requires_grad_()
@@ -241,7 +239,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="triton,grouped_mm,torch",
-                    help="of triton, triton_ptr (Triton without TMA), triton_tiles (per-tile weight gradients), grouped_mm, torch")
+                    help="of triton, triton_ptr (Triton without TMA), grouped_mm, torch")
     ap.add_argument("--skews", default="uniform,zipf")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

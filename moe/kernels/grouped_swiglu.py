@@ -25,14 +25,12 @@ import triton
 
 from moe.kernels._tiles import INTERPRET, device_tma, persistent_programs, tma_args, tma_enabled
 from moe.kernels.swiglu_bwd import dh_bwd, dw_down_bwd, dw_gate_up_bwd, dx_bwd, swiglu_bwd_rows
-from moe.kernels.swiglu_dw import dw_down_pers, dw_gate_up_pers
 from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 
 # MOE_TRITON_SCATTER=fp32 makes bf16 scatter-adds accumulate in an fp32 buffer (see _scatter_dtype).
 SCATTER_BF16 = os.environ.get("MOE_TRITON_SCATTER", "bf16") == "bf16"
 # Tests set this to fill every buffer a kernel must write with NaN, so an element no program wrote shows.
 POISON_BUFFERS = False
-DW_FLAT = True
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -70,15 +68,6 @@ def _row_grid(num_rows: int, num_experts: int, n: int, progs: int):
     def grid(meta: dict) -> tuple[int]:
         upper = (triton.cdiv(num_rows, meta["BM"]) + num_experts) * triton.cdiv(n, meta["BN"])
         return (max(1, min(progs * meta["PPS"], upper)),)
-
-    return grid
-
-
-def _tile_grid(num_experts: int, m: int, n: int, progs: int):
-    """Persistent grid over the weight-gradient tiles: PPS programs per SM, never more than the tiles."""
-    def grid(meta: dict) -> tuple[int]:
-        tiles = num_experts * triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])
-        return (max(1, min(progs * meta["PPS"], tiles)),)
 
     return grid
 
@@ -182,30 +171,18 @@ class GroupedSwiGLU(torch.autograd.Function):
             counts_R = counts_E[order_E]
             order_E = order_E.to(torch.int32)
             d_wd = _empty(E, F, D, dtype=dt, device=dev)
+            tma, (hc, dwd) = tma_args(use_tma, hc_SF, d_wd)
+            dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
+                hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
+                GATHER=gather, DOT_PREC=prec, TMA=tma,
+            )
             d_wg = _empty(E, D, F, dtype=dt, device=dev)
             d_wu = _empty(E, D, F, dtype=dt, device=dev)
-            if DW_FLAT:
-                tma = device_tma(use_tma, hc_SF, d_wd)
-                dw_down_pers[_tile_grid(E, F, D, progs)](
-                    hc_SF, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, d_wd, E, D, F, S,
-                    GATHER=gather, DOT_PREC=prec, TMA=tma,
-                )
-                tma = device_tma(use_tma, dg_SF, du_SF, d_wg, d_wu)
-                dw_gate_up_pers[_tile_grid(E, D, F, progs)](
-                    x, dg_SF, du_SF, row_idx_S if gather else dummy, order_E, starts_R, counts_R, d_wg, d_wu,
-                    E, D, F, S, GATHER=gather, DOT_PREC=prec, TMA=tma,
-                )
-            else:
-                tma, (hc, dwd) = tma_args(use_tma, hc_SF, d_wd)
-                dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
-                    hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
-                    GATHER=gather, DOT_PREC=prec, TMA=tma,
-                )
-                tma, (dg, du, dwg, dwu) = tma_args(use_tma, dg_SF, du_SF, d_wg, d_wu)
-                dw_gate_up_bwd[lambda m: (E * triton.cdiv(D, m["BM"]) * triton.cdiv(F, m["BN"]),)](
-                    x, dg, du, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwg, dwu, D, F,
-                    GATHER=gather, DOT_PREC=prec, TMA=tma,
-                )
+            tma, (dg, du, dwg, dwu) = tma_args(use_tma, dg_SF, du_SF, d_wg, d_wu)
+            dw_gate_up_bwd[lambda m: (E * triton.cdiv(D, m["BM"]) * triton.cdiv(F, m["BN"]),)](
+                x, dg, du, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwg, dwu, D, F,
+                GATHER=gather, DOT_PREC=prec, TMA=tma,
+            )
         del hc_SF
 
         dx = None
