@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_experts import SHAPES, make_inputs, make_routing, print_autotune_choices, run_experts  # noqa: E402
+from benchmarks.bench_experts import (  # noqa: E402
+    SHAPES,
+    make_inputs,
+    make_routing,
+    print_autotune_choices,
+    run_experts,
+)
 
 
 def main() -> None:
