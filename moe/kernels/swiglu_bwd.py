@@ -137,6 +137,26 @@ def swiglu_bwd_rows(
         tl.store(dgate_ptr + rows, dgate, mask=rows < S)
 
 
+@triton.jit
+def _dx_k_loop(acc, a, b, e, m_start, pid_n, offs_k, F, TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr):
+    """acc += d_rows @ w[e]^T over K = F, for one of gate/up. Under TMA `a` and `b` are descriptors,
+    else pointer blocks at K offset 0."""
+    for k in range(0, tl.cdiv(F, BK)):
+        if TMA:
+            # Rows past the expert's end are read, and their results dropped at the store.
+            a_tile = a.load([m_start, k * BK])
+            b_tile = tl.trans(b.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
+        else:
+            k_ok = offs_k < F - k * BK
+            a_tile = tl.load(a, mask=k_ok[None, :], other=0.0)
+            b_tile = tl.load(b, mask=k_ok[:, None], other=0.0)
+            a += BK
+            b += BK
+        acc = tl.dot(a_tile, b_tile, acc, input_precision=DOT_PREC)
+    return acc
+
+
 @triton.autotune(
     configs=tile_configs(
         [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
@@ -172,39 +192,20 @@ def dx_bwd(
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_nw = offs_n % D
         offs_k = tl.arange(0, BK)
-        if not TMA:
+        if TMA:
+            ag, au, bg, bu = dg_desc, du_desc, wg_desc, wu_desc
+        else:
             w_base = e.to(tl.int64) * D * F
-            ag_ptrs = dg_ptr + rows[:, None] * F + offs_k[None, :]
-            au_ptrs = du_ptr + rows[:, None] * F + offs_k[None, :]
+            ag = dg_ptr + rows[:, None] * F + offs_k[None, :]
+            au = du_ptr + rows[:, None] * F + offs_k[None, :]
             # B[k, n] = w[e][n, k] (w is [D, F]): read transposed in place.
-            bg_ptrs = wg_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
-            bu_ptrs = wu_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
+            bg = wg_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
+            bu = wu_ptr + w_base + offs_nw[None, :] * F + offs_k[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         # Two loops rather than one with both products: each stage then holds one A and one B tile,
         # which leaves shared memory for a deeper pipeline.
-        for k in range(0, tl.cdiv(F, BK)):
-            if TMA:
-                # Rows past the expert's end are read, and their results dropped at the store.
-                ag = dg_desc.load([m_start, k * BK])
-                bg = tl.trans(wg_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
-            else:
-                k_ok = offs_k < F - k * BK
-                ag = tl.load(ag_ptrs, mask=k_ok[None, :], other=0.0)
-                bg = tl.load(bg_ptrs, mask=k_ok[:, None], other=0.0)
-                ag_ptrs += BK
-                bg_ptrs += BK
-            acc = tl.dot(ag, bg, acc, input_precision=DOT_PREC)
-        for k in range(0, tl.cdiv(F, BK)):
-            if TMA:
-                au = du_desc.load([m_start, k * BK])
-                bu = tl.trans(wu_desc.load([e, pid_n * BN, k * BK]).reshape(BN, BK))
-            else:
-                k_ok = offs_k < F - k * BK
-                au = tl.load(au_ptrs, mask=k_ok[None, :], other=0.0)
-                bu = tl.load(bu_ptrs, mask=k_ok[:, None], other=0.0)
-                au_ptrs += BK
-                bu_ptrs += BK
-            acc = tl.dot(au, bu, acc, input_precision=DOT_PREC)
+        acc = _dx_k_loop(acc, ag, bg, e, m_start, pid_n, offs_k, F, TMA, DOT_PREC, BN, BK)
+        acc = _dx_k_loop(acc, au, bu, e, m_start, pid_n, offs_k, F, TMA, DOT_PREC, BN, BK)
         o_mask = row_ok[:, None] & (offs_n[None, :] < D)
         if SCATTER:
             dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
