@@ -54,6 +54,7 @@ SHAPES = {
 # The per-expert loop is timed only where it finishes in reasonable time (it syncs and launches ~10
 # kernels per expert).
 LOOP_MAX_EXPERTS = 64
+ROUTINGS = ("uniform", "zipf", "balanced")
 
 
 def make_routing(s: Shape, skew: str, gen: torch.Generator, device: torch.device):
@@ -65,11 +66,14 @@ def make_routing(s: Shape, skew: str, gen: torch.Generator, device: torch.device
         scores = u
     elif skew == "balanced":
         t = torch.arange(s.T, device=device)[:, None]
-        scores = torch.zeros(s.T, s.E, device=device).scatter_(1, (t * s.k + torch.arange(s.k, device=device)) % s.E, 1.0)
-    else:
+        picks_TK = (t * s.k + torch.arange(s.k, device=device)) % s.E
+        scores = torch.zeros(s.T, s.E, device=device).scatter_(1, picks_TK, 1.0)
+    elif skew == "zipf":
         rank = torch.randperm(s.E, device=device, generator=gen)
         # Gumbel top-k of log p samples k distinct experts with probabilities p, without replacement.
         scores = -torch.log1p(rank.float()) - torch.log(-torch.log(u.clamp(1e-20, 1 - 1e-7)))
+    else:
+        raise ValueError(f"routing {skew!r} is not one of {ROUTINGS}")
     expert_idx_TK = scores.topk(s.k, dim=1).indices
     flat = expert_idx_TK.reshape(-1)
     order = torch.sort(flat, stable=True).indices
@@ -240,7 +244,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="triton,grouped_mm,torch",
                     help="of triton, triton_ptr (Triton without TMA), grouped_mm, torch")
-    ap.add_argument("--skews", default="uniform,zipf")
+    ap.add_argument("--skews", default="uniform,zipf", help=f"routings, of {', '.join(ROUTINGS)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--check", action="store_true", help="bf16 correctness check against the fp32 torch backend first")
@@ -248,6 +252,14 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd per shape")
     ap.add_argument("--profile-skews", default="uniform", help="routings --profile runs")
     args = ap.parse_args()
+    # Bad names fail here, before any GPU work, not after an hour of other shapes.
+    for flag, value in (("--skews", args.skews), ("--profile-skews", args.profile_skews)):
+        bad = [r for r in value.split(",") if r not in ROUTINGS]
+        if bad:
+            ap.error(f"{flag}: {bad} not among {list(ROUTINGS)}")
+    unknown = [n for n in args.shapes.split(",") if n not in SHAPES]
+    if unknown:
+        ap.error(f"--shapes: {unknown} not among {sorted(SHAPES)}")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)

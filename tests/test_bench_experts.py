@@ -1,0 +1,54 @@
+"""The expert benchmark's routings and its input checks (CPU; the timings themselves need a GPU)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_experts import Shape, make_routing  # noqa: E402
+
+SHAPE = Shape(E=12, D=16, F=8, T=30, k=4)
+
+
+def _routing(skew: str):
+    return make_routing(SHAPE, skew, torch.Generator().manual_seed(0), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("skew", ["uniform", "zipf", "balanced"])
+def test_routing_is_a_valid_top_k(skew):
+    row_idx_S, gate_S, counts_E = _routing(skew)
+    assert int(counts_E.sum()) == SHAPE.T * SHAPE.k == row_idx_S.numel() == gate_S.numel()
+    # Every token appears k times, and its k rows go to k distinct experts.
+    assert torch.equal(torch.bincount(row_idx_S, minlength=SHAPE.T), torch.full((SHAPE.T,), SHAPE.k))
+    expert_S = torch.repeat_interleave(torch.arange(SHAPE.E), counts_E)
+    for t in range(SHAPE.T):
+        assert expert_S[row_idx_S == t].unique().numel() == SHAPE.k
+
+
+def test_balanced_routing_gives_every_expert_the_same_rows():
+    _, _, counts_E = _routing("balanced")
+    assert torch.equal(counts_E, torch.full((SHAPE.E,), SHAPE.T * SHAPE.k // SHAPE.E))
+    _, _, uniform_E = _routing("uniform")
+    assert not torch.equal(uniform_E, counts_E)  # the comparison the balanced routing is for
+
+
+def test_unknown_routing_is_refused():
+    with pytest.raises(ValueError, match=r"routing 'zipff' is not one of"):
+        _routing("zipff")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skews", "uniform,zipff"], "--skews: ['zipff'] not among"),
+    (["--profile-skews", "bal"], "--profile-skews: ['bal'] not among"),
+    (["--shapes", "qwen"], "--shapes: ['qwen'] not among"),
+])
+def test_bad_arguments_fail_before_any_gpu_work(args, message):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_experts.py"), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr
