@@ -24,13 +24,13 @@ import triton
 import triton.language as tl
 
 from moe.kernels._tiles import (
-    AUTOTUNE, INTERPRET, expert_blocks, locate_block, smem_prune, swizzle, tile_configs, zero_tail_rows,
+    AUTOTUNE, INTERPRET, expert_blocks, locate_tile, smem_prune, swizzle, tile_configs, zero_tail_rows,
 )
 
 
 @triton.autotune(
     configs=tile_configs(
-        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 3, 2, 128)],
+        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4, 1)],
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1),
               (128, 256, 64, 8, 4)], persistent=True,
     ),
@@ -42,6 +42,7 @@ def dh_bwd(
     E, D, F,
     GATHER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    BY_EXPERT: tl.constexpr,
 ):
     """a = dy_rows @ w_down[e]^T, stored per sorted row.
 
@@ -56,8 +57,8 @@ def dh_bwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(F, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
-        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        e, m_start, m_end, pid_n = locate_tile(
+            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         if GATHER:
@@ -159,7 +160,7 @@ def _dx_k_loop(acc, a, b, e, m_start, pid_n, offs_k, F, TMA: tl.constexpr, DOT_P
 
 @triton.autotune(
     configs=tile_configs(
-        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, 2, 128)],
+        [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
               (128, 256, 64, 8, 4)], persistent=True,
     ),
@@ -172,6 +173,7 @@ def dx_bwd(
     E, D, F, S, dx_rows,
     SCATTER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    BY_EXPERT: tl.constexpr,
 ):
     if TMA:
         dg_desc = tl.make_tensor_descriptor(dg_ptr, [S, F], [F, 1], [BM, BK])
@@ -184,8 +186,8 @@ def dx_bwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(D, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
-        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        e, m_start, m_end, pid_n = locate_tile(
+            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         rows = tl.where(row_ok, offs_m, m_start).to(tl.int64)

@@ -17,14 +17,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe.kernels._tiles import expert_blocks, locate_block, smem_prune, swizzle, tile_configs, zero_tail_rows
+from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, swizzle, tile_configs, zero_tail_rows
 
 
 # Lists chosen by MOE_TRITON_TUNE=wide on an H100, and on an H200 with TMA, over the four benchmark
 # shapes (BENCHMARKS.md).
 @triton.autotune(
     configs=tile_configs(
-        [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 8, 3, 2, 128)],
+        [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
         wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 1),
               (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True,
     ),
@@ -36,6 +36,7 @@ def gate_up_fwd(
     E, D, F,
     GATHER: tl.constexpr, SAVE_GU: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    BY_EXPERT: tl.constexpr,
 ):
     if TMA:
         wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
@@ -46,8 +47,8 @@ def gate_up_fwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(F, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
-        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        e, m_start, m_end, pid_n = locate_tile(
+            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         # Rows past the expert's end read a valid row instead of being masked: the loads stay unmasked
@@ -104,6 +105,7 @@ def down_fwd(
     E, D, F, S, out_rows,
     SCATTER: tl.constexpr, HAS_GATE: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    BY_EXPERT: tl.constexpr,
 ):
     if TMA:
         h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BK])
@@ -114,8 +116,8 @@ def down_fwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(D, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        pid_m, pid_n = swizzle(tile, num_m, num_n, GROUP_M)
-        e, m_start, m_end = locate_block(pid_m, e_idx, cnt, nblk, blk_end, row_end, BM)
+        e, m_start, m_end, pid_n = locate_tile(
+            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         rows = tl.where(row_ok, offs_m, m_start).to(tl.int64)
