@@ -42,7 +42,6 @@ def dh_bwd(
     E, D, F,
     GATHER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
-    BY_EXPERT: tl.constexpr,
 ):
     """a = dy_rows @ w_down[e]^T, stored per sorted row.
 
@@ -57,8 +56,7 @@ def dh_bwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(F, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        e, m_start, m_end, pid_n = locate_tile(
-            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
+        e, m_start, m_end, pid_n = locate_tile(tile, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         if GATHER:
@@ -173,7 +171,6 @@ def dx_bwd(
     E, D, F, S, dx_rows,
     SCATTER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
-    BY_EXPERT: tl.constexpr,
 ):
     if TMA:
         dg_desc = tl.make_tensor_descriptor(dg_ptr, [S, F], [F, 1], [BM, BK])
@@ -186,8 +183,7 @@ def dx_bwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(D, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        e, m_start, m_end, pid_n = locate_tile(
-            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
+        e, m_start, m_end, pid_n = locate_tile(tile, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         rows = tl.where(row_ok, offs_m, m_start).to(tl.int64)

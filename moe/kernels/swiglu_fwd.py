@@ -36,7 +36,6 @@ def gate_up_fwd(
     E, D, F,
     GATHER: tl.constexpr, SAVE_GU: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
-    BY_EXPERT: tl.constexpr,
 ):
     if TMA:
         wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
@@ -47,8 +46,7 @@ def gate_up_fwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(F, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        e, m_start, m_end, pid_n = locate_tile(
-            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
+        e, m_start, m_end, pid_n = locate_tile(tile, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         # Rows past the expert's end read a valid row instead of being masked: the loads stay unmasked
@@ -105,7 +103,6 @@ def down_fwd(
     E, D, F, S, out_rows,
     SCATTER: tl.constexpr, HAS_GATE: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
-    BY_EXPERT: tl.constexpr,
 ):
     if TMA:
         h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BK])
@@ -116,8 +113,7 @@ def down_fwd(
     num_m = tl.sum(nblk, 0)
     num_n = tl.cdiv(D, BN)
     for tile in range(pid, num_m * num_n, nprog):
-        e, m_start, m_end, pid_n = locate_tile(
-            tile, num_m, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M, BY_EXPERT)
+        e, m_start, m_end, pid_n = locate_tile(tile, num_n, e_idx, cnt, nblk, blk_end, row_end, BM, GROUP_M)
         offs_m = m_start + tl.arange(0, BM)
         row_ok = offs_m < m_end
         rows = tl.where(row_ok, offs_m, m_start).to(tl.int64)
