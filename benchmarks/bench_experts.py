@@ -91,10 +91,8 @@ def make_inputs(s: Shape, gen: torch.Generator, device: torch.device, dtype=torc
     return x, wg, wu, wd
 
 
-def time_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+def event_times_ms(fn, iters: int) -> list[float]:
+    """GPU time of each of `iters` back-to-back calls (CUDA events, no sync between calls)."""
     events = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -103,7 +101,14 @@ def time_ms(fn, iters: int, warmup: int) -> float:
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in events)
+    return [a.elapsed_time(b) for a, b in events]
+
+
+def time_ms(fn, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    return statistics.median(event_times_ms(fn, iters))
 
 
 def peak_extra_bytes(fn) -> int:

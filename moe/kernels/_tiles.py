@@ -35,7 +35,7 @@ if TMA_MODE not in ("auto", "0", "1"):
 # per layer ran 5% slower with it; the threshold sits between the loss and the wins.
 TMA_MIN_WORK = 2**37
 
-Spec = tuple[int, ...]  # (BM, BN, BK, num_warps, num_stages[, programs per SM[, max registers per thread]])
+Spec = tuple[int, ...]  # (BM, BN, BK, num_warps, num_stages[, programs per SM])
 
 
 def tile_configs(
@@ -46,8 +46,7 @@ def tile_configs(
     Hopper sizes: 128-row tiles feed wgmma's 64-row warpgroup instructions twice over with 8 warps;
     BK=64 bf16 gives 128-byte rows for the async copies; stages are bounded by the 227 KB of shared
     memory. Persistent kernels also take PPS, programs per SM: 2 lets one program's epilogue overlap
-    another's main loop where two fit in shared memory; a register cap (`maxnreg`, 7th element) lets two
-    programs of 8 warps share an SM (65536 registers / 512 threads = 128 each). `tma_blocks` (argument name -> block dims, as
+    another's main loop where two fit in shared memory. `tma_blocks` (argument name -> block dims, as
     ints or config keys) sizes the blocks of the arguments that arrive as tensor descriptors.
     """
     hook = _block_shape_hook(tma_blocks) if tma_blocks else None
@@ -61,8 +60,7 @@ def tile_configs(
         meta = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}
         if persistent:
             meta["PPS"] = spec[5] if len(spec) > 5 else 1
-        maxnreg = spec[6] if len(spec) > 6 else None
-        cfgs.append(triton.Config(meta, num_warps=w, num_stages=st, maxnreg=maxnreg, pre_hook=hook))
+        cfgs.append(triton.Config(meta, num_warps=w, num_stages=st, pre_hook=hook))
     return cfgs
 
 

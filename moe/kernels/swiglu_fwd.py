@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, swizzle, tile_configs, zero_tail_rows
+from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, tile_configs, zero_tail_rows
 
 
 # Lists chosen by MOE_TRITON_TUNE=wide on an H100, and on an H200 with TMA, over the four benchmark
@@ -90,7 +90,7 @@ def gate_up_fwd(
 
 @triton.autotune(
     configs=tile_configs(
-        [(128, 256, 64, 8, 3), (64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3, 2, 128)],
+        [(128, 256, 64, 8, 3), (64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4)],
         wide=[(64, 128, 64, 4, 4), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
               (128, 256, 64, 8, 4)], persistent=True,
     ),
