@@ -5,7 +5,8 @@ torch._grouped_mm pipeline.
 Run from the repository root on a GPU: `python3 benchmarks/bench_timing_spread.py --shapes dsv3_16b`.
 Host time is taken while a long GPU sleep keeps the queue full, so it is the Python and launch cost
 alone; if it stays well under the GPU time, the timed figures are not bound by the host.
-`--cprofile N` adds a cProfile of N host calls per backend (where the host time goes).
+`--cprofile N` adds a cProfile of N host calls per backend (where the host time goes), and
+`--per-kernel N` the spread of each kernel's GPU time over N back-to-back calls (which kernel swings).
 """
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.bench_experts import SHAPES, event_times_ms, make_inputs, make_routing, run_experts
+from benchmarks.bench_experts import (
+    SHAPES,
+    event_times_ms,
+    make_inputs,
+    make_routing,
+    run_experts,
+)
 
 
 def spread(values: list[float]) -> str:
@@ -68,6 +75,24 @@ def host_profile(fb, calls: int) -> str:
     return out.getvalue()
 
 
+def kernel_spread(fb, calls: int) -> str:
+    """min / median / max GPU time of each kernel over `calls` back-to-back calls (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fb()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fb()
+        torch.cuda.synchronize()
+    times: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start:
+            times.setdefault(e.name[:60], []).append(e.time_range.elapsed_us() / 1e3)
+    lines = [f"  {spread(v)}  x{len(v):<4d} {k}" for k, v in sorted(times.items(), key=lambda kv: -sum(kv[1]))]
+    return "\n".join(lines[:12])
+
+
 def fwd_bwd(backend: str, leaves: list[torch.Tensor], counts_E: torch.Tensor, row_idx_S: torch.Tensor,
             gate_S: torch.Tensor, T: int, dy: torch.Tensor):
     """One forward+backward of `backend`, as bench_experts.py times it."""
@@ -86,6 +111,8 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=2, help="rounds over the backends, to see drift")
     ap.add_argument("--cprofile", type=int, default=0, metavar="N", help="also cProfile N host calls per backend")
+    ap.add_argument("--per-kernel", type=int, default=0, metavar="N",
+                    help="also each kernel's GPU time spread over N back-to-back calls per backend")
     args = ap.parse_args()
     shapes = args.shapes.split(",")
     if unknown := [s for s in shapes if s not in SHAPES]:
@@ -106,6 +133,11 @@ def main() -> None:
                 host, b2b, synced = measure(fb, args.calls)
                 print(f"{name} {backend:10s} host/call {spread(host)} | back-to-back {spread(b2b)} | "
                       f"synced {spread(synced)}", flush=True)
+        if args.per_kernel:
+            for backend in args.backends.split(","):
+                fb = fwd_bwd(backend, leaves, counts_E, row_idx_S, gate_S, s.T, dy)
+                print(f"# per-kernel ms {name} {backend}, {args.per_kernel} calls\n{kernel_spread(fb, args.per_kernel)}",
+                      flush=True)
         if args.cprofile:
             for backend in args.backends.split(","):
                 fb = fwd_bwd(backend, leaves, counts_E, row_idx_S, gate_S, s.T, dy)
