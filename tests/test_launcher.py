@@ -160,14 +160,21 @@ def test_ctrl_c_stops_the_workers(two_nodes, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "launcher", *TRAIN, *FOUR, "train.steps=100000", f"cluster.address={two_nodes}",
            f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    # faulthandler: if the launcher does not stop, SIGABRT makes it print every thread's stack.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         deadline = time.time() + 120
         while not (run / "metrics.jsonl").exists():  # training has started
             assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-3000:] if proc.poll() else ""
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"the launcher did not stop within 60 s of Ctrl-C; its output and stacks:\n{err[-8000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
