@@ -1,6 +1,7 @@
 """`python -m launcher [overrides]`: compose the config, validate it, then plan or train."""
 from __future__ import annotations
 
+import signal
 import sys
 
 import hydra
@@ -36,6 +37,11 @@ def main(cfg: DictConfig) -> None:
     from launcher.preflight import ResourceError
     from launcher.topology import TopologyError
 
+    # Ctrl-C must stop the run even when this process started with SIGINT ignored or blocked (a
+    # script's background job, or a parent that blocked it): Python then raises no KeyboardInterrupt
+    # and training would go on. SIGTERM is Ray's: its driver handler exits through the same cleanup.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:
         summary = run_training(job)
     except (RayConnectError, ResourceError, TopologyError, WorkerError) as e:

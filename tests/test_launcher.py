@@ -156,9 +156,18 @@ def test_worker_error_stops_everyone_and_names_the_rank(two_nodes, tmp_path):
     assert free_cpus(two_nodes) == 4  # no worker left holding its CPU
 
 
+# Starts the launcher with SIGINT ignored and blocked, as a script's background job (or a parent that
+# blocked it) would; both survive exec. The launcher must still stop on Ctrl-C. Before it reset
+# SIGINT such a run trained on; a full local test session once hit that, with the launcher still in
+# ray.wait a minute after the signal.
+_SIGINT_OFF = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+               "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'launcher', *sys.argv[1:]])")
+
+
 def test_ctrl_c_stops_the_workers(two_nodes, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "launcher", *TRAIN, *FOUR, "train.steps=100000", f"cluster.address={two_nodes}",
+    cmd = [sys.executable, "-c", _SIGINT_OFF, *TRAIN, *FOUR, "train.steps=100000", f"cluster.address={two_nodes}",
            f"hydra.run.dir={run}"]
     # faulthandler: if the launcher does not stop, SIGABRT makes it print every thread's stack.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
