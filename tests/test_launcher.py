@@ -179,10 +179,10 @@ def test_ctrl_c_stops_the_workers(two_nodes, tmp_path):
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         try:
-            out, err = proc.communicate(timeout=60)
+            _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)
-            out, err = proc.communicate(timeout=30)
+            _, err = proc.communicate(timeout=30)
             pytest.fail(f"the launcher did not stop within 60 s of Ctrl-C; its output and stacks:\n{err[-8000:]}")
     finally:
         if proc.poll() is None:
