@@ -244,6 +244,14 @@ def check(device) -> list[dict]:
     return out
 
 
+def names_among(ap: argparse.ArgumentParser, flag: str, value: str, allowed) -> list[str]:
+    """The comma-separated names of `flag`; exits with a usage error naming any not in `allowed`."""
+    names = value.split(",")
+    if bad := [n for n in names if n not in allowed]:
+        ap.error(f"{flag}: {bad} not among {list(allowed)}")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -258,13 +266,9 @@ def main() -> None:
     ap.add_argument("--profile-skews", default="uniform", help="routings --profile runs")
     args = ap.parse_args()
     # Bad names fail here, before any GPU work, not after an hour of other shapes.
-    for flag, value in (("--skews", args.skews), ("--profile-skews", args.profile_skews)):
-        bad = [r for r in value.split(",") if r not in ROUTINGS]
-        if bad:
-            ap.error(f"{flag}: {bad} not among {list(ROUTINGS)}")
-    unknown = [n for n in args.shapes.split(",") if n not in SHAPES]
-    if unknown:
-        ap.error(f"--shapes: {unknown} not among {sorted(SHAPES)}")
+    names_among(ap, "--skews", args.skews, ROUTINGS)
+    names_among(ap, "--profile-skews", args.profile_skews, ROUTINGS)
+    names_among(ap, "--shapes", args.shapes, sorted(SHAPES))
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)

@@ -27,6 +27,7 @@ from benchmarks.bench_experts import (
     event_times_ms,
     make_inputs,
     make_routing,
+    names_among,
     run_experts,
 )
 
@@ -114,9 +115,8 @@ def main() -> None:
     ap.add_argument("--per-kernel", type=int, default=0, metavar="N",
                     help="also each kernel's GPU time spread over N back-to-back calls per backend")
     args = ap.parse_args()
-    shapes = args.shapes.split(",")
-    if unknown := [s for s in shapes if s not in SHAPES]:
-        ap.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+    shapes = names_among(ap, "--shapes", args.shapes, sorted(SHAPES))
+    backends = args.backends.split(",")
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
     for name in shapes:
@@ -127,22 +127,19 @@ def main() -> None:
         leaves = [t.requires_grad_() for t in (x, wg, wu, wd)]
         gate_S.requires_grad_()
         dy = torch.randn(s.T, s.D, device=dev, generator=gen).to(torch.bfloat16)
+        fbs = {b: fwd_bwd(b, leaves, counts_E, row_idx_S, gate_S, s.T, dy) for b in backends}
         for _ in range(args.repeats):
-            for backend in args.backends.split(","):
-                fb = fwd_bwd(backend, leaves, counts_E, row_idx_S, gate_S, s.T, dy)
+            for backend, fb in fbs.items():
                 host, b2b, synced = measure(fb, args.calls)
                 print(f"{name} {backend:10s} host/call {spread(host)} | back-to-back {spread(b2b)} | "
                       f"synced {spread(synced)}", flush=True)
-        if args.per_kernel:
-            for backend in args.backends.split(","):
-                fb = fwd_bwd(backend, leaves, counts_E, row_idx_S, gate_S, s.T, dy)
-                print(f"# per-kernel ms {name} {backend}, {args.per_kernel} calls\n{kernel_spread(fb, args.per_kernel)}",
+        for backend, fb in fbs.items():
+            if args.per_kernel:
+                print(f"# per-kernel ms {name} {backend}, {args.per_kernel} calls\n"
+                      f"{kernel_spread(fb, args.per_kernel)}", flush=True)
+            if args.cprofile:
+                print(f"# cProfile {name} {backend}, {args.cprofile} calls\n{host_profile(fb, args.cprofile)}",
                       flush=True)
-        if args.cprofile:
-            for backend in args.backends.split(","):
-                fb = fwd_bwd(backend, leaves, counts_E, row_idx_S, gate_S, s.T, dy)
-                print(f"# cProfile {name} {backend}, {args.cprofile} calls\n{host_profile(fb, args.cprofile)}", flush=True)
-
 
 if __name__ == "__main__":
     main()
