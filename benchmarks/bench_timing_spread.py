@@ -141,5 +141,6 @@ def main() -> None:
                 print(f"# cProfile {name} {backend}, {args.cprofile} calls\n{host_profile(fb, args.cprofile)}",
                       flush=True)
 
+
 if __name__ == "__main__":
     main()
