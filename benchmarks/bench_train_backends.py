@@ -84,8 +84,8 @@ def main() -> None:
     results = [sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2] for rs in runs.values()]
     base = next((r for r in results if r["backend"] == "grouped_mm"), results[0])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"\n{device}, torch {torch.__version__}; steps {SKIP}..{args.steps - 1}, medians; "
-          f"ratios against {base['backend']}")
+    print(f"\n{device}, torch {torch.__version__}; extra overrides: {' '.join(extra) or 'none'}; "
+          f"steps {SKIP}..{args.steps - 1}, medians; ratios against {base['backend']}")
     print("| backend | tokens/s (each run) | vs base | step ms | MFU | expert share of step | peak GiB | "
           "loss diff vs base, steps 0-9 / all | last loss |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -235,6 +235,9 @@ def validate(job: JobConfig) -> None:
     if t.max_failures < 0:
         p.append(f"train.max_failures={t.max_failures}: must be >= 0 (0 = stop at the first worker failure; "
                  "N = restart the workers up to N times from the last checkpoint)")
+    if t.compile and (par.tp > 1 or par.pp > 1):
+        p.append(f"train.compile=true: not supported with parallel.tp={par.tp}, parallel.pp={par.pp} yet (DTensor "
+                 "and pipeline stages are untested under torch.compile); set train.compile=false, or tp=pp=1")
     if t.grad_clip < 0:
         p.append(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
 

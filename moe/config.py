@@ -170,6 +170,11 @@ class TrainConfig:
     newest complete checkpoint (train.resume=auto; from step 0 without checkpoints). 0 (the default, as
     Ray Train's FailureConfig) stops at the first failure; errors that would repeat (a non-finite loss)
     are never retried."""
+    compile: bool = False
+    """torch.compile the dense parts of every block (norms, attention, dense FFN, shared experts) and the
+    final norm: their many small elementwise ops (fp32 norms, rotary, SwiGLU) fuse into few kernels.
+    The router and routed experts stay eager (data-dependent shapes; the experts have their own
+    kernels). Costs a compile at the first steps; not yet with parallel.tp > 1 or parallel.pp > 1."""
     force_balanced_routing: bool = False
     """Replace the router's choices by round-robin (same shapes, every expert equally loaded) to
     measure what real routing costs in throughput; see benchmarks/bench_balanced_routing.py."""

@@ -156,6 +156,10 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         from moe.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx.mesh["tp"])
+    if t.compile:  # after the layout is applied (EP swaps the dispatcher), before the optimizer sees the params
+        from moe.model.compile import apply_compile
+
+        apply_compile(model)
     tie_router_groups_to_topology(model, job.model.moe.router.group_by, ctx.ep,
                                   [ctx.node_of_rank[r] for r in ctx.group_ranks("ep")])
     batch_rank, batch_ranks = ctx.dp_rank, ctx.dp
