@@ -174,7 +174,8 @@ class TrainConfig:
     """torch.compile the dense parts of every block (norms, attention, dense FFN, shared experts) and the
     final norm: their many small elementwise ops (fp32 norms, rotary, SwiGLU) fuse into few kernels.
     The router and routed experts stay eager (data-dependent shapes; the experts have their own
-    kernels). Costs a compile at the first steps; not yet with parallel.tp > 1 or parallel.pp > 1."""
+    kernels). Costs a compile at the first step (~40 s for deepseek_small on an H200; on CPU it
+    needs a C++ compiler); not yet with parallel.tp > 1 or parallel.pp > 1."""
     force_balanced_routing: bool = False
     """Replace the router's choices by round-robin (same shapes, every expert equally loaded) to
     measure what real routing costs in throughput; see benchmarks/bench_balanced_routing.py."""
