@@ -1,4 +1,5 @@
-"""train.compile: the dense parts under torch.compile train like eager, step by step (fp32, CPU)."""
+"""train.compile: the dense parts under torch.compile train like eager, step by step (fp32, CPU), in one
+process and with expert parallelism (the compiled shared experts run while the dispatch is in flight)."""
 from __future__ import annotations
 
 import pytest
@@ -6,29 +7,21 @@ import torch
 
 from launcher.config import ConfigError
 from tests.conftest import job_from
-
-RTOL = 1e-5
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
+from tests.dist_utils import run_distributed
+from tests.test_expert_parallel import RTOL, assert_matches, make_job, reference, rel  # noqa: F401 (fixture)
 
 
 @pytest.mark.parametrize("attention", ["mla", "gqa"])
-def test_compiled_training_matches_eager(tiny_job, tmp_path, attention):
+def test_compiled_training_matches_eager(tmp_path, attention):
     from torch._dynamo.utils import counters
 
     from moe.train.loop import train
 
-    tiny_job.model.attention = attention
-    tiny_job.train.steps = 3
-    tiny_job.run_dir = str(tmp_path / "eager")
-    eager = train(tiny_job)
-    tiny_job.train.compile = True
-    tiny_job.run_dir = str(tmp_path / "compiled")
+    eager = train(make_job(tmp_path / "eager", steps=3, extra=[f"model.attention={attention}"]))
     torch._dynamo.reset()
     counters.clear()
-    compiled = train(tiny_job)
+    compiled = train(make_job(tmp_path / "compiled", steps=3, extra=[f"model.attention={attention}",
+                                                                    "train.compile=true"]))
     graphs = counters["stats"]["unique_graphs"]
     # Norm, attention and SwiGLU: one graph each, shared by all blocks (Dynamo inlines the modules),
     # plus a few more variants; far fewer than one per compiled module (4 layers x 4, and the final norm).
@@ -37,6 +30,15 @@ def test_compiled_training_matches_eager(tiny_job, tmp_path, attention):
         worst = max(rel(a, b) for a, b in zip(compiled[key], eager[key]))
         print(f"{attention} {key}: max relative difference {worst:.2e} ({graphs} graphs)")
         assert worst <= RTOL, (key, compiled[key], eager[key])
+
+
+def test_compiled_ep2_matches_single_process(tmp_path, reference):
+    """dp=2 x ep=2, compiled, against the eager single-process run of tests/test_expert_parallel.py.
+    Same micro-batch shapes as the test above, so the ranks mostly reuse its compiled kernels."""
+    summaries = run_distributed(make_job(tmp_path, dp=2, ep=2, steps=3, extra=["train.compile=true"]), world=2)
+    for rank, s in enumerate(summaries):
+        assert len(s["losses"]) == 3
+        assert_matches(s, reference, f"compiled dp=2 ep=2 rank {rank}")
 
 
 def test_compile_refused_with_tp_or_pp():
