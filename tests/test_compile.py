@@ -44,3 +44,15 @@ def test_compiled_ep2_matches_single_process(tmp_path, reference):
 def test_compile_refused_with_tp_or_pp():
     with pytest.raises(ConfigError, match=r"train.compile=true: not supported with parallel.tp=2, parallel.pp=1"):
         job_from(["train.compile=true", "parallel.tp=2", "parallel.dp=1", "cluster.num_workers=2"])
+
+
+def test_compile_keeps_parameter_names():
+    """Compiled in place: the names checkpoints are keyed by do not change (no `_orig_mod.` prefix)."""
+    from moe.model.compile import apply_compile
+    from moe.model.transformer import build_model
+
+    model = build_model(job_from(["model=deepseek_tiny"]).model, 0)
+    names = list(model.state_dict())
+    compiled = apply_compile(model)
+    assert len(compiled) == 4 * 4 + 1  # per block: two norms, attention, dense FFN or shared experts; final norm
+    assert list(model.state_dict()) == names
