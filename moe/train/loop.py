@@ -156,7 +156,7 @@ def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | N
         from moe.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, ctx.mesh["tp"])
-    if t.compile:  # after the layout is applied (EP swaps the dispatcher), before the optimizer sees the params
+    if t.compile:  # in place: the same parameters and names for the optimizer and checkpoints
         from moe.model.compile import apply_compile
 
         apply_compile(model)
