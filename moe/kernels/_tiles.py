@@ -40,6 +40,7 @@ Spec = tuple[int, ...]  # (BM, BN, BK, num_warps, num_stages[, programs per SM])
 
 def tile_configs(
     specs: list[Spec], wide: list[Spec] = (), persistent: bool = False, tma_blocks: dict | None = None,
+    tma_store: bool = False,
 ) -> list[triton.Config]:
     """Autotune configs; the first is the default.
 
@@ -48,19 +49,25 @@ def tile_configs(
     memory. Persistent kernels also take PPS, programs per SM: 2 lets one program's epilogue overlap
     another's main loop where two fit in shared memory. `tma_blocks` (argument name -> block dims, as
     ints or config keys) sizes the blocks of the arguments that arrive as tensor descriptors.
+    `tma_store`: the kernel can store whole row tiles through a descriptor (`store_rows`); each spec is
+    offered both ways (key ST), and `smem_prune` drops ST=1 where the launch has TMA off.
     """
     hook = _block_shape_hook(tma_blocks) if tma_blocks else None
+    store_ways = (1, 0) if tma_store else (0,)
     if INTERPRET:
-        # 16 is tl.dot's smallest size; tiny tiles make the tests cross tile and expert borders.
+        # 16 is tl.dot's smallest size; tiny tiles make the tests cross tile and expert borders. With
+        # TMA on, the tests take the descriptor stores (ST=1) and the pointer stores of partial tiles.
         meta = {"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2} | ({"PPS": 1} if persistent else {})
-        return [triton.Config(meta, num_warps=4, num_stages=1, pre_hook=hook)]
+        return [triton.Config(meta | {"ST": store_ways[0]}, num_warps=4, num_stages=1, pre_hook=hook)]
     cfgs = []
     for spec in list(specs) + (list(wide) if WIDE_TUNE else []):
         bm, bn, bk, w, st = spec[:5]
         meta = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}
         if persistent:
             meta["PPS"] = spec[5] if len(spec) > 5 else 1
-        cfgs.append(triton.Config(meta, num_warps=w, num_stages=st, pre_hook=hook))
+        for way in store_ways:
+            cfgs.append(triton.Config(meta | ({"ST": way} if tma_store else {}), num_warps=w, num_stages=st,
+                                      pre_hook=hook))
     return cfgs
 
 
@@ -125,13 +132,15 @@ def tma_args(use_tma: bool, *tensors: torch.Tensor) -> tuple[bool, tuple]:
 SMEM_BYTES = 232448 - 2048
 
 
-def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False):
+def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False, store_flag: str | None = None):
     """`early_config_prune` dropping configs whose pipeline buffers exceed shared memory.
 
     Per stage a kernel holds one [BM, BK] A tile and `b_tiles` [BK, BN] B tiles of the dtype of
     argument `a_ptr` (fp32 needs twice bf16's room). Triton keeps `num_stages` buffers, except where
     the gather index is loaded inside the K loop (weight-gradient kernels in gather mode): that load
-    takes two of the stages (seen in the compiled kernels). With MOE_TRITON_AUTOTUNE=0 the first
+    takes two of the stages (seen in the compiled kernels). A config that stores through a descriptor
+    (ST=1) holds one more [BM, BN] tile; where launch argument `store_flag` (TMA, or "TMA and not
+    SCATTER") says the descriptor stores are off, it would run as its ST=0 twin and is dropped. With MOE_TRITON_AUTOTUNE=0 the first
     config that fits is kept; where none fits, a 64x64x32 tile is used.
     """
 
@@ -139,20 +148,35 @@ def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False):
         a = named_args[a_ptr]
         esize = (a.base if isinstance(a, TensorDescriptor) else a).element_size()
         gather = bool(kwargs.get("GATHER", named_args.get("GATHER", False)))
+        stores_on = store_flag is not None and _flag(store_flag, named_args, kwargs)
 
         def need(c: triton.Config) -> int:
             bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
             buffers = max(1, c.num_stages - 2) if (index_in_loop and gather) else c.num_stages
-            return buffers * (bm * bk + b_tiles * bk * bn) * esize
+            store = bm * bn if c.kwargs.get("ST", 0) else 0
+            return (buffers * (bm * bk + b_tiles * bk * bn) + store) * esize
 
-        fitting = [c for c in configs if need(c) <= SMEM_BYTES]
+        # With the stores off an ST=1 config runs as its ST=0 twin: drop it unless it has none.
+        usable = [c for c in configs if stores_on or not c.kwargs.get("ST", 0)] or list(configs)
+        fitting = [c for c in usable if need(c) <= SMEM_BYTES]
         if not fitting:  # fp32 operands on lists sized for bf16: a small tile that always fits
-            base = configs[0]
+            base = usable[0]
             small = {**base.kwargs, "BM": 64, "BN": 64, "BK": 32}
             fitting = [triton.Config(small, num_warps=4, num_stages=3, pre_hook=base.pre_hook)]
         return fitting if AUTOTUNE else fitting[:1]
 
     return prune
+
+
+def _flag(expr: str, named_args: dict, kwargs: dict) -> bool:
+    """Value of "NAME" or "NAME and not OTHER" over a launch's constexpr arguments."""
+    def get(name: str) -> bool:
+        return bool(kwargs.get(name, named_args.get(name, False)))
+
+    if " and not " in expr:
+        first, second = expr.split(" and not ")
+        return get(first) and not get(second)
+    return get(expr)
 
 
 _NUM_SMS: dict[int, int] = {}
@@ -211,6 +235,35 @@ def swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile % width) % size_m
     pid_n = (tile % width) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def store_rows(ptr, desc, vals, m_start, m_end, pid_n, N, BM: tl.constexpr, BN: tl.constexpr,
+               USE_DESC: tl.constexpr):
+    """Store tile `vals` of rows [m_start, m_start + BM) and column block `pid_n` of a row-major [*, N]
+    output; rows from `m_end` on belong to another expert and are not written.
+
+    With USE_DESC a tile that lies wholly inside its expert goes out through tensor descriptor `desc`
+    (block [BM, BN], clipped at N by the hardware): Triton then stages it in shared memory and lets the
+    copy drain while the program runs its next tile's main loop, where pointer stores keep the warps
+    until they are issued. A partial tile (an expert's last one) keeps masked pointer stores.
+    """
+    vals = vals.to(ptr.dtype.element_ty)
+    if USE_DESC:
+        if m_end - m_start >= BM:
+            desc.store([m_start, pid_n * BN], vals)
+        else:
+            _masked_rows_store(ptr, vals, m_start, m_end, pid_n, N, BM, BN)
+    else:
+        _masked_rows_store(ptr, vals, m_start, m_end, pid_n, N, BM, BN)
+
+
+@triton.jit
+def _masked_rows_store(ptr, vals, m_start, m_end, pid_n, N, BM: tl.constexpr, BN: tl.constexpr):
+    offs_m = m_start + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask = (offs_m < m_end)[:, None] & (offs_n[None, :] < N)
+    tl.store(ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], vals, mask=mask)
 
 
 @triton.jit

@@ -104,17 +104,17 @@ class GroupedSwiGLU(torch.autograd.Function):
         h_SF = _empty(S, F, dtype=dt, device=dev)
         g_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
         u_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
-        tma = device_tma(use_tma, w_gate_EDF, w_up_EDF)
+        tma = device_tma(use_tma, w_gate_EDF, w_up_EDF, h_SF)
         gate_up_fwd[_row_grid(S, E, F, progs)](
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
-            E, D, F, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
+            E, D, F, S, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
         if gather:
             # Accumulator for the scatter-add (top-k rows meet in one token row).
             out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
         else:
             out = out_buf if out_buf is not None else _empty(S, D, dtype=dt, device=dev)
-        tma = device_tma(use_tma, h_SF, w_down_EFD)
+        tma = device_tma(use_tma, h_SF, w_down_EFD, *(() if gather else (out,)))
         down_fwd[_row_grid(S, E, D, progs)](
             h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if gather else dummy,
             counts_E, out, E, D, F, S, out.shape[0],
@@ -145,9 +145,9 @@ class GroupedSwiGLU(torch.autograd.Function):
         dy = grad_out.to(dt).contiguous()
 
         a_SF = _empty(S, F, dtype=dt, device=dev)
-        tma = device_tma(use_tma, w_down_EFD)
+        tma = device_tma(use_tma, w_down_EFD, a_SF)
         dh_bwd[_row_grid(S, E, F, progs)](
-            dy, row_idx_S if gather else dummy, w_down_EFD, counts_E, a_SF, E, D, F,
+            dy, row_idx_S if gather else dummy, w_down_EFD, counts_E, a_SF, E, D, F, S,
             GATHER=gather, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
         dg_SF = _empty(S, F, dtype=dt, device=dev)

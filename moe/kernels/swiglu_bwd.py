@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from moe.kernels._tiles import (
-    AUTOTUNE, INTERPRET, expert_blocks, locate_tile, smem_prune, swizzle, tile_configs, zero_tail_rows,
+    AUTOTUNE, INTERPRET, expert_blocks, locate_tile, smem_prune, store_rows, swizzle, tile_configs, zero_tail_rows,
 )
 
 
@@ -32,16 +32,18 @@ from moe.kernels._tiles import (
     configs=tile_configs(
         [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 4, 1)],
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1),
-              (128, 256, 64, 8, 4)], persistent=True,
+              (128, 256, 64, 8, 4)], persistent=True, tma_store=True,
     ),
-    key=["D", "F", "GATHER", "TMA"], prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1)},
+    key=["D", "F", "GATHER", "TMA"],
+    prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1, store_flag="TMA")},
 )
 @triton.jit
 def dh_bwd(
     dy_ptr, row_idx_ptr, wd_ptr, counts_ptr, a_ptr,
-    E, D, F,
+    E, D, F, S,
     GATHER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    ST: tl.constexpr,
 ):
     """a = dy_rows @ w_down[e]^T, stored per sorted row.
 
@@ -50,6 +52,11 @@ def dh_bwd(
     """
     if TMA:
         wd_desc = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BN, BK])
+    use_desc: tl.constexpr = TMA and ST
+    if use_desc:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [S, F], [F, 1], [BM, BN])
+    else:
+        a_desc = a_ptr
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -81,9 +88,7 @@ def dh_bwd(
                 b_ptrs += BK
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             a_ptrs += BK
-        o_off = offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
-        o_mask = row_ok[:, None] & (offs_n[None, :] < F)
-        tl.store(a_ptr + o_off, acc.to(a_ptr.dtype.element_ty), mask=o_mask)
+        store_rows(a_ptr, a_desc, acc, m_start, m_end, pid_n, F, BM, BN, use_desc)
 
 
 def _rows_configs() -> list[triton.Config]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, tile_configs, zero_tail_rows
+from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, store_rows, tile_configs, zero_tail_rows
 
 
 # Lists chosen by MOE_TRITON_TUNE=wide on an H100, and on an H200 with TMA, over the four benchmark
@@ -26,20 +26,30 @@ from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, tile_conf
     configs=tile_configs(
         [(128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)],
         wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 1),
-              (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True,
+              (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True, tma_store=True,
     ),
-    key=["D", "F", "GATHER", "TMA"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2)},
+    key=["D", "F", "GATHER", "TMA"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, store_flag="TMA")},
 )
 @triton.jit
 def gate_up_fwd(
     x_ptr, row_idx_ptr, wg_ptr, wu_ptr, counts_ptr, h_ptr, g_ptr, u_ptr,
-    E, D, F,
+    E, D, F, S,
     GATHER: tl.constexpr, SAVE_GU: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    ST: tl.constexpr,
 ):
     if TMA:
         wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
         wu_desc = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
+    use_desc: tl.constexpr = TMA and ST
+    if use_desc:
+        h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BN])
+        g_desc = tl.make_tensor_descriptor(g_ptr, [S, F], [F, 1], [BM, BN])
+        u_desc = tl.make_tensor_descriptor(u_ptr, [S, F], [F, 1], [BM, BN])
+    else:  # stand-ins; store_rows reads them only with USE_DESC
+        h_desc = h_ptr
+        g_desc = g_ptr
+        u_desc = u_ptr
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -80,22 +90,20 @@ def gate_up_fwd(
             acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
             a_ptrs += BK
         h = acc_g * tl.sigmoid(acc_g) * acc_u
-        o_off = offs_m.to(tl.int64)[:, None] * F + offs_n[None, :]
-        o_mask = row_ok[:, None] & (offs_n[None, :] < F)
-        tl.store(h_ptr + o_off, h.to(h_ptr.dtype.element_ty), mask=o_mask)
+        store_rows(h_ptr, h_desc, h, m_start, m_end, pid_n, F, BM, BN, use_desc)
         if SAVE_GU:  # the pre-activations are all the backward needs; h is recomputed from them
-            tl.store(g_ptr + o_off, acc_g.to(g_ptr.dtype.element_ty), mask=o_mask)
-            tl.store(u_ptr + o_off, acc_u.to(u_ptr.dtype.element_ty), mask=o_mask)
+            store_rows(g_ptr, g_desc, acc_g, m_start, m_end, pid_n, F, BM, BN, use_desc)
+            store_rows(u_ptr, u_desc, acc_u, m_start, m_end, pid_n, F, BM, BN, use_desc)
 
 
 @triton.autotune(
     configs=tile_configs(
         [(128, 256, 64, 8, 3), (64, 128, 64, 4, 3, 2), (128, 128, 64, 8, 4)],
         wide=[(64, 128, 64, 4, 4), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
-              (128, 256, 64, 8, 4)], persistent=True,
+              (128, 256, 64, 8, 4)], persistent=True, tma_store=True,
     ),
     key=["D", "F", "SCATTER", "TMA"], reset_to_zero=["out_ptr"],
-    prune_configs_by={"early_config_prune": smem_prune("h_ptr", 1)},
+    prune_configs_by={"early_config_prune": smem_prune("h_ptr", 1, store_flag="TMA and not SCATTER")},
 )
 @triton.jit
 def down_fwd(
@@ -103,10 +111,16 @@ def down_fwd(
     E, D, F, S, out_rows,
     SCATTER: tl.constexpr, HAS_GATE: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    ST: tl.constexpr,
 ):
     if TMA:
         h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BK])
         wd_desc = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BK, BN])
+    use_desc: tl.constexpr = TMA and ST and not SCATTER
+    if use_desc:
+        out_desc = tl.make_tensor_descriptor(out_ptr, [out_rows, D], [D, 1], [BM, BN])
+    else:
+        out_desc = out_ptr
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -149,7 +163,6 @@ def down_fwd(
                 sem="relaxed",
             )
         else:
-            o_off = offs_m.to(tl.int64)[:, None] * D + offs_n[None, :]
-            tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+            store_rows(out_ptr, out_desc, acc, m_start, m_end, pid_n, D, BM, BN, use_desc)
     if not SCATTER:
         zero_tail_rows(out_ptr, tl.sum(cnt, 0), out_rows, D, pid, nprog, BM, BN)
