@@ -23,17 +23,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moe.kernels import _tiles  # noqa: E402
+from moe.kernels import _tiles, grouped_swiglu  # noqa: E402
 from moe.model.experts import routed_experts  # noqa: E402
 
 _TMA_DEFAULT = _tiles.TMA_MODE
+_SCATTER_DEFAULT = grouped_swiglu.SCATTER_MODE
+# Variants of the Triton kernel, so one run compares them: "triton_ptr" has TMA off (pointer loads only);
+# "triton_combine" sums a token's rows in a separate, reproducible pass instead of the epilogue atomics.
+TRITON_VARIANTS = ("triton", "triton_ptr", "triton_combine")
 
 
 def run_experts(backend: str, *args):
-    """`routed_experts` by backend name; "triton_ptr" is the Triton kernel with TMA off (pointer loads
-    only), so one run shows what the tensor descriptors buy."""
+    """`routed_experts` by backend name, where the Triton variants above select the kernel's options."""
     _tiles.TMA_MODE = "0" if backend == "triton_ptr" else _TMA_DEFAULT
-    return routed_experts(*args, backend="triton" if backend == "triton_ptr" else backend)
+    grouped_swiglu.SCATTER_MODE = "combine" if backend == "triton_combine" else _SCATTER_DEFAULT
+    return routed_experts(*args, backend="triton" if backend in TRITON_VARIANTS else backend)
 
 
 @dataclass(frozen=True)
@@ -228,7 +232,7 @@ def check(device) -> list[dict]:
         row_idx_S, gate_S, counts_E = make_routing(s, skew, gen, device)
         dy = torch.randn(s.T, s.D, device=device, generator=gen)
         res = {}
-        checked = ("triton", "triton_ptr", "grouped_mm")
+        checked = (*TRITON_VARIANTS, "grouped_mm")
         for backend, dtype in [(b, torch.bfloat16) for b in checked] + [("torch", torch.float32)]:
             leaves = [t.detach().to(dtype).requires_grad_() for t in (x, wg, wu, wd)]
             g = gate_S.detach().clone().requires_grad_()
@@ -256,7 +260,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="triton,grouped_mm,torch",
-                    help="of triton, triton_ptr (Triton without TMA), grouped_mm, torch")
+                    help="of triton, triton_ptr (without TMA), triton_combine (reproducible sums), grouped_mm, torch")
     ap.add_argument("--skews", default="uniform,zipf", help=f"routings, of {', '.join(ROUTINGS)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -269,6 +273,7 @@ def main() -> None:
     names_among(ap, "--skews", args.skews, ROUTINGS)
     names_among(ap, "--profile-skews", args.profile_skews, ROUTINGS)
     names_among(ap, "--shapes", args.shapes, sorted(SHAPES))
+    names_among(ap, "--backends", args.backends, (*TRITON_VARIANTS, "grouped_mm", "torch"))
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)

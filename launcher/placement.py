@@ -30,12 +30,13 @@ STARTUP_TIMEOUT_S = 120.0
 # Variables workers inherit through Ray's runtime environment. Secrets (WANDB_API_KEY) are left out on
 # purpose: wandb reads the key from the worker's own environment or netrc. CUDA_VISIBLE_DEVICES is left
 # out too: Ray sets it per actor to the GPU it assigned; `TrainWorker.run` widens it to the node's GPUs.
-PASSTHROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_FR_", "WANDB_", "TRITON_", "GLOO_", "MOE_TEST_")
+PASSTHROUGH_PREFIXES = ("NCCL_", "TORCH_NCCL_", "TORCH_FR_", "WANDB_", "TRITON_", "GLOO_", "MOE_TEST_", "MOE_TRITON_")
 SECRET_NAMES = ("WANDB_API_KEY",)
 
 
 def worker_env(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """NCCL_*, WANDB_* (minus secrets) and friends from the driver's environment, for the workers."""
+    """NCCL_*, WANDB_* (minus secrets), the expert kernel's MOE_TRITON_* knobs and friends from the
+    driver's environment, for the workers."""
     environ = dict(os.environ if environ is None else environ)
     env = {k: v for k, v in environ.items() if k.startswith(PASSTHROUGH_PREFIXES) and k not in SECRET_NAMES}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off unless the user says otherwise

@@ -126,13 +126,48 @@ def test_matches_torch_backend(case, mode, with_gate, dtype, path, monkeypatch):
         pytest.skip(f"{dtype} runs on {SECOND_DTYPE_CASES} only")
     if path == "tma" and _ON_GPU and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs compute capability 9 or later")
+    used = _tma_launches(monkeypatch, path == "tma")
+    _check_against_torch(case, mode, with_gate, dtype)
+    # Every one of the six GEMM launches took the path asked for (TMA only where the layout allows).
+    assert used == [path == "tma" and _tma_fits(D, F, dtype)] * 6, used
+
+
+@pytest.mark.parametrize("path", ["tma", "pointers"])
+@pytest.mark.parametrize("scatter", ["combine", "fp32"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in SECOND_DTYPE_CASES], ids=SECOND_DTYPE_CASES)
+def test_scatter_modes(case, scatter, path, monkeypatch):
+    """MOE_TRITON_SCATTER=combine (store rows, then one sum per token) and =fp32 (atomics into an fp32
+    buffer) against the torch backend, as the default bf16 atomics are in the test above."""
+    monkeypatch.setattr(gs, "SCATTER_MODE", scatter)
+    _tma_launches(monkeypatch, path == "tma")
+    combines = []
+    real = gs.segment_sum
+    monkeypatch.setattr(gs, "segment_sum", lambda *a: combines.append(len(a)) or real(*a))
+    _check_against_torch(case, "gather", True, DTYPES[0])
+    assert len(combines) == (2 if scatter == "combine" else 0)  # forward and backward, or never
+
+
+@pytest.mark.skipif(not _ON_GPU, reason="the interpreter runs one program at a time, so atomics are ordered "
+                    "there too: only a GPU can tell")
+def test_combine_is_bitwise_reproducible(monkeypatch):
+    """MOE_TRITON_SCATTER=combine gives the same bits on every call: output and every gradient."""
+    monkeypatch.setattr(gs, "SCATTER_MODE", "combine")
+    name, E, D, F, counts, T = CASES[-1]
+    tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, "gather", True, torch.bfloat16, 11)
+    first = _run("triton", tensors, counts_E, row_idx, gate, T, DEVICE, torch.bfloat16, 11)
+    for _ in range(3):
+        again = _run("triton", tensors, counts_E, row_idx, gate, T, DEVICE, torch.bfloat16, 11)
+        for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
+            assert torch.equal(a, b)
+
+
+def _check_against_torch(case, mode: str, with_gate: bool, dtype) -> None:
+    """Triton output and gradients against the torch backend in fp32, and idle experts' exact zeros."""
+    name, E, D, F, counts, T = case
     seed = 1000 + len(name) * 7 + E
     tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, mode, with_gate, dtype, seed)
     num_out_rows = T + 3 if mode == "gather" else None  # more output rows than x has: must read zero
-    used = _tma_launches(monkeypatch, path == "tma")
     out, grads = _run("triton", tensors, counts_E, row_idx, gate, num_out_rows, DEVICE, dtype, seed)
-    # Every one of the six GEMM launches took the path asked for (TMA only where the layout allows).
-    assert used == [path == "tma" and _tma_fits(D, F, dtype)] * 6, used
     # Reference: the per-expert torch loop in fp32 on the same (already rounded) values; on the CPU
     # in fp32 this is the very backend the kernel replaces.
     ref_dtype = torch.float32
@@ -212,6 +247,17 @@ def test_tma_policy(monkeypatch):
     assert tiles.tma_enabled(gpu, 1)
     monkeypatch.setattr(tiles, "TMA_MODE", "0")
     assert not tiles.tma_enabled(gpu, tiles.TMA_MIN_WORK)
+
+
+def test_bad_scatter_mode_is_refused():
+    """A mistyped MOE_TRITON_SCATTER fails at import, naming the value and the allowed ones."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOE_TRITON_SCATTER": "atomic"}
+    r = subprocess.run([sys.executable, "-c", "import moe.kernels"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "MOE_TRITON_SCATTER='atomic' is not one of ('bf16', 'fp32', 'combine')" in r.stderr
 
 
 def test_bad_tma_mode_is_refused():

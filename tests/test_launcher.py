@@ -193,15 +193,18 @@ def test_ctrl_c_stops_the_workers(two_nodes, tmp_path):
 
 
 def test_worker_env_through_runtime_env(two_nodes, monkeypatch):
-    """Workers see NCCL_* / WANDB_* from the driver, never WANDB_API_KEY or the driver's CUDA_VISIBLE_DEVICES."""
+    """Workers see NCCL_* / WANDB_* / MOE_TRITON_* from the driver, never WANDB_API_KEY or the driver's
+    CUDA_VISIBLE_DEVICES."""
     import ray
 
     from launcher.placement import WorkerGroup
     from launcher.preflight import choose_nodes, read_cluster
     from launcher.topology import Layout
 
-    env = {"NCCL_DEBUG": "INFO", "WANDB_PROJECT": "p", "WANDB_API_KEY": "secret", "CUDA_VISIBLE_DEVICES": "3"}
-    assert worker_env(env) == {"NCCL_DEBUG": "INFO", "WANDB_PROJECT": "p", "NCCL_NVLS_ENABLE": "0"}
+    env = {"NCCL_DEBUG": "INFO", "WANDB_PROJECT": "p", "WANDB_API_KEY": "secret", "CUDA_VISIBLE_DEVICES": "3",
+           "MOE_TRITON_SCATTER": "combine"}
+    assert worker_env(env) == {"NCCL_DEBUG": "INFO", "WANDB_PROJECT": "p", "NCCL_NVLS_ENABLE": "0",
+                               "MOE_TRITON_SCATTER": "combine"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     ray.init(address=two_nodes, logging_level="ERROR", log_to_driver=False)
@@ -213,8 +216,9 @@ def test_worker_env_through_runtime_env(two_nodes, monkeypatch):
         assert len({s.info.node_id for s in started}) == 2
         seen = ray.get(started[0].handle.__ray_call__.remote(
             lambda self: {k: os.environ.get(k) for k in ("NCCL_DEBUG", "WANDB_PROJECT", "WANDB_API_KEY",
-                                                          "NCCL_NVLS_ENABLE")}))
-        assert seen == {"NCCL_DEBUG": "INFO", "WANDB_PROJECT": "p", "WANDB_API_KEY": None, "NCCL_NVLS_ENABLE": "0"}
+                                                          "NCCL_NVLS_ENABLE", "MOE_TRITON_SCATTER")}))
+        assert seen == {"NCCL_DEBUG": "INFO", "WANDB_PROJECT": "p", "WANDB_API_KEY": None, "NCCL_NVLS_ENABLE": "0",
+                        "MOE_TRITON_SCATTER": "combine"}
     finally:
         if group is not None:
             group.shutdown()

@@ -94,3 +94,27 @@ def test_kernels_fail_on_a_wrong_position_table():
     pos_TK[0, 0], pos_TK[5, 1] = pos_TK[5, 1].clone(), pos_TK[0, 0].clone()
     bad = rc.gather_reduce(y, pos_TK, gate_TK, torch.float32)
     assert (bad - ref).norm() / ref.norm() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,dests,D", [(0, 4, 7), (1, 3, 5), (41, 17, 67), (200, 9, 130)])
+def test_segment_sum_matches_index_add(rows, dests, D, dtype):
+    """Any number of rows per destination, including none; asking for fewer rows than destinations."""
+    g = torch.Generator().manual_seed(rows + D)
+    dest_S = torch.randint(0, dests, (rows,), generator=g)
+    dest_S[dest_S == 1] = 0  # destination 1 gets no rows
+    y = torch.randn(rows, D, generator=g).to(DEVICE, dtype)
+    perm_S, off_N1 = rc.token_segments(dest_S.to(DEVICE), dests)
+    assert off_N1.tolist()[-1] == rows and off_N1.numel() == dests + 1
+    for n in (dests, dests - 2):
+        out = rc.segment_sum(y, perm_S, off_N1, n, torch.float32)
+        ref = torch.zeros(dests, D, dtype=torch.float64).index_add(0, dest_S, y.double().cpu())[:n]
+        assert torch.isfinite(out).all(), "unwritten (NaN) rows"
+        assert torch.allclose(out.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+        assert n < 2 or torch.count_nonzero(out[1]) == 0
+
+
+def test_segment_sum_refuses_too_few_segments():
+    perm_S, off_N1 = rc.token_segments(torch.tensor([0, 2, 2], device=DEVICE), 3)
+    with pytest.raises(ValueError, match="3 segments described, 4 rows asked for"):
+        rc.segment_sum(torch.ones(3, 5, device=DEVICE), perm_S, off_N1, 4, torch.float32)

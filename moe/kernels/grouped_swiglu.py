@@ -11,9 +11,13 @@ TMA tensor descriptors (`_tiles.TMA_MODE`): built on the device by the persisten
 on the host for the weight-gradient kernels, which run one program per tile.
 
 Shapes: x [X, D]; weights w_gate/w_up [E, D, F], w_down [E, F, D]; S routed rows sorted by expert.
-Precision: operands in the compute dtype (bf16 on GPU; fp32/fp16 work too), fp32 accumulation; the
-gather-mode scatter-adds are atomics (bf16 for bf16, else fp32), so results are not bitwise
-deterministic across runs, like index_add.
+Precision: operands in the compute dtype (bf16 on GPU; fp32/fp16 work too), fp32 accumulation. In
+gather mode a token's k result rows (and, in backward, its k input-gradient rows) are added by
+atomics in the GEMM epilogues (bf16 for bf16, else fp32), so results are not bitwise reproducible,
+like index_add. MOE_TRITON_SCATTER=combine makes them reproducible: the GEMMs store rows in sorted
+order and `row_combine.segment_sum` adds each token's rows in fp32 in a fixed order. On an H200 that
+took the same GPU time on the large benchmark layers, but adds host time (three small launches and
+one more kernel per pass) and one [rows, D] buffer per pass (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -24,11 +28,17 @@ import torch
 import triton
 
 from moe.kernels._tiles import INTERPRET, device_tma, persistent_programs, tma_args, tma_enabled
+from moe.kernels.row_combine import segment_sum, token_segments
 from moe.kernels.swiglu_bwd import dh_bwd, dw_down_bwd, dw_gate_up_bwd, dx_bwd, swiglu_bwd_rows
 from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 
-# MOE_TRITON_SCATTER=fp32 makes bf16 scatter-adds accumulate in an fp32 buffer (see _scatter_dtype).
-SCATTER_BF16 = os.environ.get("MOE_TRITON_SCATTER", "bf16") == "bf16"
+# MOE_TRITON_SCATTER: how gather mode sums a token's rows. "bf16" (default): atomics in the epilogue, in
+# bf16 for bf16 operands; "fp32": atomics into an fp32 buffer; "combine": rows stored, then summed in
+# fp32 by a separate pass, bitwise reproducible. Read at each launch, so a benchmark can compare them.
+SCATTER_MODE = os.environ.get("MOE_TRITON_SCATTER", "bf16")
+_SCATTER_MODES = ("bf16", "fp32", "combine")
+if SCATTER_MODE not in _SCATTER_MODES:
+    raise ValueError(f"MOE_TRITON_SCATTER={SCATTER_MODE!r} is not one of {_SCATTER_MODES}; unset it for 'bf16'")
 # Tests set this to fill every buffer a kernel must write with NaN, so an element no program wrote shows.
 POISON_BUFFERS = False
 
@@ -45,7 +55,7 @@ def _scatter_dtype(dt: torch.dtype) -> torch.dtype:
     and cast, at the rounding the torch backends' bf16 index_add also has; MOE_TRITON_SCATTER=fp32
     accumulates in fp32 instead. fp16 always goes through fp32.
     """
-    if dt == torch.bfloat16 and SCATTER_BF16:
+    if dt == torch.bfloat16 and SCATTER_MODE == "bf16":
         return torch.bfloat16
     return torch.float32
 
@@ -109,31 +119,42 @@ class GroupedSwiGLU(torch.autograd.Function):
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
             E, D, F, S, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
-        if gather:
+        scatter = gather and SCATTER_MODE != "combine"
+        segments = None
+        if scatter:
             # Accumulator for the scatter-add (top-k rows meet in one token row).
             out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
+        elif gather:
+            # Rows in sorted order; each token's rows are summed below. One segment list serves the
+            # output and, in backward, the input gradient (x may have fewer rows than the output).
+            out = _empty(S, D, dtype=dt, device=dev)
+            segments = token_segments(row_idx_S, max(num_out_rows, x.shape[0]))
         else:
             out = out_buf if out_buf is not None else _empty(S, D, dtype=dt, device=dev)
-        tma = device_tma(use_tma, h_SF, w_down_EFD, *(() if gather else (out,)))
+        tma = device_tma(use_tma, h_SF, w_down_EFD, *(() if scatter else (out,)))
         down_fwd[_row_grid(S, E, D, progs)](
-            h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if gather else dummy,
+            h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if scatter else dummy,
             counts_E, out, E, D, F, S, out.shape[0],
-            SCATTER=gather, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
+            SCATTER=scatter, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
-        if gather and out.dtype != dt:
-            out = out.to(dt)
         del h_SF
+        if segments is not None:
+            out = segment_sum(out, *segments, num_out_rows, dt)
+        elif scatter and out.dtype != dt:
+            out = out.to(dt)
         if save:
-            ctx.save_for_backward(x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF)
+            ctx.save_for_backward(x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF,
+                                  *(segments or ()))
             ctx.grad_x_buf = grad_x_buf
             ctx.use_tma = use_tma
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF = ctx.saved_tensors
+        x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF, *segments = ctx.saved_tensors
         E, D, F = w_gate_EDF.shape
         gather = row_idx_S is not None
+        scatter = gather and not segments
         has_gate = gate_S is not None
         S = g_SF.shape[0]
         dev, dt = x.device, x.dtype
@@ -187,17 +208,21 @@ class GroupedSwiGLU(torch.autograd.Function):
 
         dx = None
         if ctx.needs_input_grad[0]:
-            if gather:
+            if scatter:
                 dx = torch.zeros(x.shape[0], D, dtype=_scatter_dtype(dt), device=dev)
+            elif gather:
+                dx = _empty(S, D, dtype=dt, device=dev)  # per sorted row; summed per token below
             else:
                 dx = ctx.grad_x_buf(x.shape[0]) if ctx.grad_x_buf is not None else _empty(x.shape[0], D, dtype=dt, device=dev)
-            tma = device_tma(use_tma, dg_SF, du_SF, w_gate_EDF, w_up_EDF)
+            tma = device_tma(use_tma, dg_SF, du_SF, w_gate_EDF, w_up_EDF, *(() if scatter else (dx,)))
             dx_bwd[_row_grid(S, E, D, progs)](
-                dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if gather else dummy, counts_E, dx, E, D, F, S,
+                dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if scatter else dummy, counts_E, dx, E, D, F, S,
                 dx.shape[0],
-                SCATTER=gather, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
+                SCATTER=scatter, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
             )
-            if gather and dx.dtype != dt:
+            if segments:
+                dx = segment_sum(dx, *segments, x.shape[0], dt)
+            elif scatter and dx.dtype != dt:
                 dx = dx.to(dt)
 
         d_gate = None

@@ -9,7 +9,12 @@ reads all S = T*K rows an extra time. These kernels read each row once:
     combine_backward   dy_SD[pos_TK[t, k]] = gate_TK[t, k] * dout_TD[t]
                        dgate_TK[t, k] = <dout_TD[t], y_SD[pos_TK[t, k]]>
 
-Sums run in fp32. One program per (token, block of D), so any hidden size works.
+    segment_sum        out_ND[n] = sum_{j in [off[n], off[n+1])} y_SD[perm_S[j]]
+                       rows grouped by destination with any number per destination: the Triton
+                       experts' deterministic combine (`token_segments` builds perm and off)
+
+Sums run in fp32, in a fixed order, so results are bitwise reproducible. One program per (output
+row, block of D), so any hidden size works.
 """
 from __future__ import annotations
 
@@ -55,6 +60,43 @@ def _combine_backward_kernel(dout_ptr, y_ptr, pos_ptr, gate_ptr, dy_ptr, dgate_p
         y = tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dy_ptr + row * D + offs, (g * dout).to(dy_ptr.dtype.element_ty), mask=mask)
         tl.store(dgate_part_ptr + (t * K + k) * NB + b, tl.sum(dout * y, axis=0))
+
+
+@triton.jit
+def _segment_sum_kernel(y_ptr, perm_ptr, off_ptr, out_ptr, D, BD: tl.constexpr):
+    n = tl.program_id(0)
+    offs = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = offs < D
+    acc = tl.zeros([BD], dtype=tl.float32)
+    for j in range(tl.load(off_ptr + n), tl.load(off_ptr + n + 1)):
+        row = tl.load(perm_ptr + j).to(tl.int64)
+        acc += tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n.to(tl.int64) * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def token_segments(dest_S: torch.Tensor, num_dest: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm_S, off_N1): the rows of each destination `n < num_dest`, as `perm_S[off_N1[n]:off_N1[n+1]]`.
+
+    A stable sort, so each destination's rows keep their order and the sums their order; no host sync.
+    Three launches (sort, arange, searchsorted): on small layers their host time is what this costs.
+    """
+    sorted_S, perm_S = torch.sort(dest_S, stable=True)
+    first_N1 = torch.arange(num_dest + 1, dtype=sorted_S.dtype, device=dest_S.device)
+    return perm_S, torch.searchsorted(sorted_S, first_N1, out_int32=True)
+
+
+def segment_sum(y_SD: torch.Tensor, perm_S: torch.Tensor, off_N1: torch.Tensor, num_rows: int,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """`out[n] = sum of y_SD[perm_S[off_N1[n]:off_N1[n+1]]]` for n < num_rows (fp32 sums; rows with no
+    segment, or an empty one, are zero). `off_N1` may describe more destinations than `num_rows`."""
+    if off_N1.numel() < num_rows + 1:
+        raise ValueError(f"segment_sum: {off_N1.numel() - 1} segments described, {num_rows} rows asked for")
+    D = y_SD.shape[-1]
+    out_ND = torch.empty(num_rows, D, dtype=out_dtype, device=y_SD.device)
+    if num_rows == 0 or D == 0:
+        return out_ND
+    _segment_sum_kernel[(num_rows, triton.cdiv(D, _BD))](y_SD, perm_S, off_N1, out_ND, D, BD=_BD)
+    return out_ND
 
 
 def gather_reduce(y_SD: torch.Tensor, pos_TK: torch.Tensor, w_TK: torch.Tensor | None,

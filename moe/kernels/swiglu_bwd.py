@@ -165,10 +165,10 @@ def _dx_k_loop(acc, a, b, e, m_start, pid_n, offs_k, F, TMA: tl.constexpr, DOT_P
     configs=tile_configs(
         [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)],
         wide=[(64, 128, 64, 4, 4), (64, 128, 64, 4, 3, 2), (64, 256, 64, 8, 3, 1), (64, 256, 64, 8, 4, 1),
-              (128, 256, 64, 8, 4)], persistent=True,
+              (128, 256, 64, 8, 4)], persistent=True, tma_store=True,
     ),
     key=["D", "F", "SCATTER", "TMA"], reset_to_zero=["dx_ptr"],
-    prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1)},
+    prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1, store_flag="TMA and not SCATTER")},
 )
 @triton.jit
 def dx_bwd(
@@ -176,12 +176,18 @@ def dx_bwd(
     E, D, F, S, dx_rows,
     SCATTER: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
+    ST: tl.constexpr,
 ):
     if TMA:
         dg_desc = tl.make_tensor_descriptor(dg_ptr, [S, F], [F, 1], [BM, BK])
         du_desc = tl.make_tensor_descriptor(du_ptr, [S, F], [F, 1], [BM, BK])
         wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
         wu_desc = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BN, BK])
+    use_desc: tl.constexpr = TMA and ST and not SCATTER
+    if use_desc:
+        dx_desc = tl.make_tensor_descriptor(dx_ptr, [dx_rows, D], [D, 1], [BM, BN])
+    else:
+        dx_desc = dx_ptr
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
@@ -209,16 +215,15 @@ def dx_bwd(
         # which leaves shared memory for a deeper pipeline.
         acc = _dx_k_loop(acc, ag, bg, e, m_start, pid_n, offs_k, F, TMA, DOT_PREC, BN, BK)
         acc = _dx_k_loop(acc, au, bu, e, m_start, pid_n, offs_k, F, TMA, DOT_PREC, BN, BK)
-        o_mask = row_ok[:, None] & (offs_n[None, :] < D)
         if SCATTER:
+            o_mask = row_ok[:, None] & (offs_n[None, :] < D)
             dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
             tl.atomic_add(
                 dx_ptr + dst[:, None] * D + offs_n[None, :], acc.to(dx_ptr.dtype.element_ty), mask=o_mask,
                 sem="relaxed",
             )
         else:
-            o_off = offs_m.to(tl.int64)[:, None] * D + offs_n[None, :]
-            tl.store(dx_ptr + o_off, acc.to(dx_ptr.dtype.element_ty), mask=o_mask)
+            store_rows(dx_ptr, dx_desc, acc, m_start, m_end, pid_n, D, BM, BN, use_desc)
     if not SCATTER:
         zero_tail_rows(dx_ptr, tl.sum(cnt, 0), dx_rows, D, pid, nprog, BM, BN)
 

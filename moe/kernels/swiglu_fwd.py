@@ -154,8 +154,8 @@ def down_fwd(
         if HAS_GATE:
             gate = tl.load(gate_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)
             acc = acc * gate[:, None]
-        o_mask = row_ok[:, None] & (offs_n[None, :] < D)
         if SCATTER:
+            o_mask = row_ok[:, None] & (offs_n[None, :] < D)
             # Several experts add into one token row: atomics, in the buffer's dtype (see grouped_swiglu).
             dst = tl.load(row_idx_ptr + offs_m, mask=row_ok, other=0).to(tl.int64)
             tl.atomic_add(
