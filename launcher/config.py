@@ -9,7 +9,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from moe.config import JobConfig
+from moe.config import JobConfig, kernel_env_problems
 
 ENUMS: dict[str, tuple[str, ...]] = {
     "model.attention": ("mla", "gqa"),
@@ -263,6 +263,7 @@ def validate(job: JobConfig) -> None:
         p.append(f"logger.alerts.cooldown_steps={al.cooldown_steps}: must be >= 0 (0 = no cooldown)")
     if not 0 <= al.diversity_floor <= 1:
         p.append(f"logger.alerts.diversity_floor={al.diversity_floor}: must be between 0 and 1")
+    p += kernel_env_problems(os.environ)
     if job.logger.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         p.append("logger.wandb.mode='online': needs WANDB_API_KEY in the environment (or use offline and `wandb sync` later)")
     if p:

@@ -5,8 +5,31 @@ These dataclasses are registered in Hydra's ConfigStore by `launcher.config`; th
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
+
+# Environment switches of the Triton expert kernel (moe/kernels/), the default first. They are not
+# config fields because they tune one kernel, not the job; the launcher checks them before it starts
+# anything and passes them on to the workers.
+KERNEL_ENV_CHOICES: dict[str, tuple[str, ...]] = {
+    "MOE_TRITON_SCATTER": ("bf16", "fp32", "combine"),
+    "MOE_TRITON_TMA": ("auto", "0", "1"),
+}
+
+
+def kernel_env_problems(environ: Mapping[str, str]) -> list[str]:
+    """One message per kernel switch set to a value it does not take."""
+    return [f"{name}={environ[name]!r} is not one of {choices}; unset it for {choices[0]!r}"
+            for name, choices in KERNEL_ENV_CHOICES.items() if environ.get(name, choices[0]) not in choices]
+
+
+def kernel_env(name: str) -> str:
+    """The value of kernel switch `name` in this process's environment; ValueError if it is not allowed."""
+    problems = kernel_env_problems({name: os.environ.get(name, KERNEL_ENV_CHOICES[name][0])})
+    if problems:
+        raise ValueError(problems[0])
+    return os.environ.get(name, KERNEL_ENV_CHOICES[name][0])
 
 
 @dataclass

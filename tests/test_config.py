@@ -105,3 +105,17 @@ def test_online_wandb_needs_key(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="WANDB_API_KEY"):
         job_from(["logger.wandb.mode=online"])
+
+
+def test_bad_kernel_switch_is_refused_before_start(monkeypatch):
+    """A mistyped MOE_TRITON_* value is named by the launcher's checks, before Ray or any worker starts."""
+    monkeypatch.setenv("MOE_TRITON_SCATTER", "atomic")
+    monkeypatch.setenv("MOE_TRITON_TMA", "yes")
+    with pytest.raises(ConfigError) as e:
+        job_from([])
+    text = "\n".join(e.value.problems)
+    assert "MOE_TRITON_SCATTER='atomic' is not one of ('bf16', 'fp32', 'combine'); unset it for 'bf16'" in text
+    assert "MOE_TRITON_TMA='yes' is not one of ('auto', '0', '1'); unset it for 'auto'" in text
+    monkeypatch.setenv("MOE_TRITON_SCATTER", "combine")
+    monkeypatch.delenv("MOE_TRITON_TMA")
+    assert isinstance(job_from([]), JobConfig)

@@ -257,7 +257,7 @@ def test_bad_scatter_mode_is_refused():
     env = {**os.environ, "MOE_TRITON_SCATTER": "atomic"}
     r = subprocess.run([sys.executable, "-c", "import moe.kernels"], env=env, capture_output=True, text=True)
     assert r.returncode != 0
-    assert "MOE_TRITON_SCATTER='atomic' is not one of ('bf16', 'fp32', 'combine')" in r.stderr
+    assert "MOE_TRITON_SCATTER='atomic' is not one of ('bf16', 'fp32', 'combine'); unset it for 'bf16'" in r.stderr
 
 
 def test_bad_tma_mode_is_refused():
@@ -268,4 +268,4 @@ def test_bad_tma_mode_is_refused():
     env = {**os.environ, "MOE_TRITON_TMA": "yes"}
     r = subprocess.run([sys.executable, "-c", "import moe.kernels._tiles"], env=env, capture_output=True, text=True)
     assert r.returncode != 0
-    assert "MOE_TRITON_TMA='yes' is not one of 'auto', '0', '1'" in r.stderr
+    assert "MOE_TRITON_TMA='yes' is not one of ('auto', '0', '1'); unset it for 'auto'" in r.stderr

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moe.config import kernel_env
+
 # Read once at import, like Triton itself: the interpreter runs kernels on CPU tensors, one program
 # after another, so it wants a single small config and a small persistent grid.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -26,9 +28,7 @@ WIDE_TUNE = os.environ.get("MOE_TRITON_TUNE", "") == "wide"
 # that have it (compute capability 9+) for layers of at least TMA_MIN_WORK; "1" always (also under the
 # interpreter, where the tests run both paths); "0" never. Read at each launch (`tma_enabled`), so a
 # benchmark can compare the two in one process.
-TMA_MODE = os.environ.get("MOE_TRITON_TMA", "auto")
-if TMA_MODE not in ("auto", "0", "1"):
-    raise ValueError(f"MOE_TRITON_TMA={TMA_MODE!r} is not one of 'auto', '0', '1'; unset it for 'auto'")
+TMA_MODE = kernel_env("MOE_TRITON_TMA")
 # Rows x D x F below which "auto" keeps pointer loads. On an H200 TMA cut the GPU time of a layer's
 # forward+backward by ~5-10% but added ~0.2 ms of host time per forward+backward (BENCHMARKS.md). The
 # benchmark layers lost with TMA at 2^35 and won at 2^38 and up, and deepseek_small training at 2^36

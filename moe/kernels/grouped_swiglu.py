@@ -21,12 +21,12 @@ one more kernel per pass) and one [rows, D] buffer per pass (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
 import triton
 
+from moe.config import kernel_env
 from moe.kernels._tiles import INTERPRET, device_tma, persistent_programs, tma_args, tma_enabled
 from moe.kernels.row_combine import segment_sum, token_segments
 from moe.kernels.swiglu_bwd import dh_bwd, dw_down_bwd, dw_gate_up_bwd, dx_bwd, swiglu_bwd_rows
@@ -35,10 +35,7 @@ from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 # MOE_TRITON_SCATTER: how gather mode sums a token's rows. "bf16" (default): atomics in the epilogue, in
 # bf16 for bf16 operands; "fp32": atomics into an fp32 buffer; "combine": rows stored, then summed in
 # fp32 by a separate pass, bitwise reproducible. Read at each launch, so a benchmark can compare them.
-SCATTER_MODE = os.environ.get("MOE_TRITON_SCATTER", "bf16")
-_SCATTER_MODES = ("bf16", "fp32", "combine")
-if SCATTER_MODE not in _SCATTER_MODES:
-    raise ValueError(f"MOE_TRITON_SCATTER={SCATTER_MODE!r} is not one of {_SCATTER_MODES}; unset it for 'bf16'")
+SCATTER_MODE = kernel_env("MOE_TRITON_SCATTER")
 # Tests set this to fill every buffer a kernel must write with NaN, so an element no program wrote shows.
 POISON_BUFFERS = False
 
