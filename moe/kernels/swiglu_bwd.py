@@ -8,7 +8,7 @@ With dy the gradient of the output (read at the token's row in gather mode) and 
 - `dw_gate_up_bwd` (weight tiles): dw_gate[e] = x_rows_e^T @ dg_e and dw_up[e] = x_rows_e^T @ du_e with one
   load of the x tile for both.
 - `dx_bwd` (row tiles, K = F): dx_rows = dg @ w_gate[e]^T + du @ w_up[e]^T, atomically added to the token's
-  row in gather mode.
+  row in gather mode (SCATTER), else stored per sorted row (pre-grouped, or MOE_TRITON_SCATTER=combine).
 The weight-gradient kernels take one program per output tile, experts ordered by descending row count,
 so the long tiles of a hot expert start first and skewed routing does not leave a tail.
 

@@ -4,13 +4,16 @@ Both are persistent grouped GEMMs over row tiles of all experts in one launch:
 - `gate_up_fwd`: g = x_rows @ w_gate[e], u = x_rows @ w_up[e] in one tile loop (the x tile is loaded once
   for both), h = silu(g) * u in the epilogue. In gather mode the x rows are read through `row_idx`, so no
   permuted copy of the activations is made.
-- `down_fwd`: y = h @ w_down[e], times the gate weight in the epilogue, stored in place (pre-grouped) or
-  atomically added to the token's output row (gather mode: the scatter-add is fused into the epilogue).
+- `down_fwd`: y = h @ w_down[e], times the gate weight in the epilogue, stored per sorted row (SCATTER
+  off: pre-grouped inputs, or gather mode with MOE_TRITON_SCATTER=combine, which sums each token's
+  rows afterwards) or atomically added to the token's output row (SCATTER: the scatter-add is fused
+  into the epilogue).
 
 With TMA (Hopper and later; see `_tiles.TMA_MODE`) the weight tiles, and the contiguous h rows of the
 down projection, come through tensor descriptors: the copy engine fetches them, so no registers hold
 their addresses and the K and column tails come back zero-filled without masks. Gathered rows stay on
-pointer loads (Hopper's TMA has no row gather).
+pointer loads (Hopper's TMA has no row gather). Row tiles stored per sorted row may go out through a
+descriptor too (`_tiles.store_rows`, config key ST, autotuned against pointer stores).
 """
 from __future__ import annotations
 
