@@ -22,7 +22,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_experts import SHAPES, make_routing, names_among, time_ms  # noqa: E402
+from bench_experts import ROUTINGS, SHAPES, make_routing, names_among, time_ms  # noqa: E402
 from moe.kernels import _tiles  # noqa: E402
 from moe.kernels.grouped_swiglu import _e_pow2, _row_grid  # noqa: E402
 from moe.kernels.row_combine import gather_reduce  # noqa: E402
@@ -81,12 +81,13 @@ def main() -> None:
     ap.add_argument("--skews", default="uniform,zipf")
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
+    shapes = names_among(ap, "--shapes", args.shapes, SHAPES)
+    skews = names_among(ap, "--skews", args.skews, ROUTINGS)
     if not torch.cuda.is_available():
         sys.exit("bench_down_combine.py needs a CUDA GPU")
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    rows = [bench(n, k, args.iters, device) for n in names_among(ap, "--shapes", args.shapes, SHAPES)
-            for k in names_among(ap, "--skews", args.skews, ("uniform", "zipf", "balanced"))]
+    rows = [bench(n, k, args.iters, device) for n in shapes for k in skews]
     for k, cfg in down_fwd.cache.items():
         print(f"# autotune down_fwd D,F,SCATTER,TMA={k[:4]}: {cfg}")
     print("| shape | routing | scatter ms | store ms | combine ms | store+combine ms | ratio | max rel diff |")

@@ -48,13 +48,16 @@ def test_unknown_routing_is_refused():
         _routing("zipff")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--skews", "uniform,zipff"], "--skews: ['zipff'] not among"),
-    (["--profile-skews", "bal"], "--profile-skews: ['bal'] not among"),
-    (["--shapes", "qwen"], "--shapes: ['qwen'] not among"),
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_experts.py", ["--skews", "uniform,zipff"], "--skews: ['zipff'] not among"),
+    ("bench_experts.py", ["--profile-skews", "bal"], "--profile-skews: ['bal'] not among"),
+    ("bench_experts.py", ["--shapes", "qwen"], "--shapes: ['qwen'] not among"),
+    ("bench_experts.py", ["--backends", "triton,tritn"], "--backends: ['tritn'] not among"),
+    ("bench_down_combine.py", ["--shapes", "qwen"], "--shapes: ['qwen'] not among"),
+    ("bench_down_combine.py", ["--skews", "zipff"], "--skews: ['zipff'] not among"),
 ])
-def test_bad_arguments_fail_before_any_gpu_work(args, message):
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_experts.py"), *args],
+def test_bad_arguments_fail_before_any_gpu_work(script, args, message):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2
     assert message in r.stderr
