@@ -6,8 +6,9 @@ These dataclasses are registered in Hydra's ConfigStore by `launcher.config`; th
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Optional
 
 # Environment switches of the Triton expert kernel (moe/kernels/), the default first. They are not
 # config fields because they tune one kernel, not the job; the launcher checks them before it starts
@@ -26,10 +27,10 @@ def kernel_env_problems(environ: Mapping[str, str]) -> list[str]:
 
 def kernel_env(name: str) -> str:
     """The value of kernel switch `name` in this process's environment; ValueError if it is not allowed."""
-    problems = kernel_env_problems({name: os.environ.get(name, KERNEL_ENV_CHOICES[name][0])})
-    if problems:
+    value = os.environ.get(name, KERNEL_ENV_CHOICES[name][0])
+    if problems := kernel_env_problems({name: value}):
         raise ValueError(problems[0])
-    return os.environ.get(name, KERNEL_ENV_CHOICES[name][0])
+    return value
 
 
 @dataclass

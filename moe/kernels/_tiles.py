@@ -8,6 +8,7 @@ whole MoE layer free of host syncs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -132,23 +133,24 @@ def tma_args(use_tma: bool, *tensors: torch.Tensor) -> tuple[bool, tuple]:
 SMEM_BYTES = 232448 - 2048
 
 
-def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False, store_flag: str | None = None):
+def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False,
+               stores_on: Callable[[dict], bool] | None = None):
     """`early_config_prune` dropping configs whose pipeline buffers exceed shared memory.
 
     Per stage a kernel holds one [BM, BK] A tile and `b_tiles` [BK, BN] B tiles of the dtype of
     argument `a_ptr` (fp32 needs twice bf16's room). Triton keeps `num_stages` buffers, except where
     the gather index is loaded inside the K loop (weight-gradient kernels in gather mode): that load
     takes two of the stages (seen in the compiled kernels). A config that stores through a descriptor
-    (ST=1) holds one more [BM, BN] tile; where launch argument `store_flag` (TMA, or "TMA and not
-    SCATTER") says the descriptor stores are off, it would run as its ST=0 twin and is dropped. With MOE_TRITON_AUTOTUNE=0 the first
-    config that fits is kept; where none fits, a 64x64x32 tile is used.
+    (ST=1) holds one more [BM, BN] tile; where `stores_on(launch arguments)` is false it would run as
+    its ST=0 twin and is dropped. With MOE_TRITON_AUTOTUNE=0 the first config that fits is kept; where
+    none fits, a 64x64x32 tile is used.
     """
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         a = named_args[a_ptr]
         esize = (a.base if isinstance(a, TensorDescriptor) else a).element_size()
         gather = bool(kwargs.get("GATHER", named_args.get("GATHER", False)))
-        stores_on = store_flag is not None and _flag(store_flag, named_args, kwargs)
+        stores = stores_on is not None and bool(stores_on({**named_args, **kwargs}))
 
         def need(c: triton.Config) -> int:
             bm, bn, bk = c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"]
@@ -157,7 +159,7 @@ def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False, store_flag
             return (buffers * (bm * bk + b_tiles * bk * bn) + store) * esize
 
         # With the stores off an ST=1 config runs as its ST=0 twin: drop it unless it has none.
-        usable = [c for c in configs if stores_on or not c.kwargs.get("ST", 0)] or list(configs)
+        usable = [c for c in configs if stores or not c.kwargs.get("ST", 0)] or list(configs)
         fitting = [c for c in usable if need(c) <= SMEM_BYTES]
         if not fitting:  # fp32 operands on lists sized for bf16: a small tile that always fits
             base = usable[0]
@@ -168,15 +170,15 @@ def smem_prune(a_ptr: str, b_tiles: int, index_in_loop: bool = False, store_flag
     return prune
 
 
-def _flag(expr: str, named_args: dict, kwargs: dict) -> bool:
-    """Value of "NAME" or "NAME and not OTHER" over a launch's constexpr arguments."""
-    def get(name: str) -> bool:
-        return bool(kwargs.get(name, named_args.get(name, False)))
+def tma_on(args: dict) -> bool:
+    """`smem_prune(stores_on=...)` for kernels whose per-row stores may go through a descriptor whenever
+    TMA is on."""
+    return bool(args.get("TMA"))
 
-    if " and not " in expr:
-        first, second = expr.split(" and not ")
-        return get(first) and not get(second)
-    return get(expr)
+
+def tma_on_without_scatter(args: dict) -> bool:
+    """The same for kernels that store per row only when they do not scatter-add (SCATTER off)."""
+    return bool(args.get("TMA")) and not args.get("SCATTER")
 
 
 _NUM_SMS: dict[int, int] = {}

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from moe.kernels._tiles import (
-    AUTOTUNE, INTERPRET, expert_blocks, locate_tile, smem_prune, store_rows, swizzle, tile_configs, zero_tail_rows,
+    AUTOTUNE, INTERPRET, expert_blocks, locate_tile, smem_prune, store_rows, swizzle, tile_configs, tma_on,
+    tma_on_without_scatter, zero_tail_rows,
 )
 
 
@@ -35,7 +36,7 @@ from moe.kernels._tiles import (
               (128, 256, 64, 8, 4)], persistent=True, tma_store=True,
     ),
     key=["D", "F", "GATHER", "TMA"],
-    prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1, store_flag="TMA")},
+    prune_configs_by={"early_config_prune": smem_prune("dy_ptr", 1, stores_on=tma_on)},
 )
 @triton.jit
 def dh_bwd(
@@ -168,7 +169,7 @@ def _dx_k_loop(acc, a, b, e, m_start, pid_n, offs_k, F, TMA: tl.constexpr, DOT_P
               (128, 256, 64, 8, 4)], persistent=True, tma_store=True,
     ),
     key=["D", "F", "SCATTER", "TMA"], reset_to_zero=["dx_ptr"],
-    prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1, store_flag="TMA and not SCATTER")},
+    prune_configs_by={"early_config_prune": smem_prune("dg_ptr", 1, stores_on=tma_on_without_scatter)},
 )
 @triton.jit
 def dx_bwd(

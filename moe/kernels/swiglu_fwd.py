@@ -20,7 +20,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, store_rows, tile_configs, zero_tail_rows
+from moe.kernels._tiles import (
+    expert_blocks, locate_tile, smem_prune, store_rows, tile_configs, tma_on, tma_on_without_scatter, zero_tail_rows,
+)
 
 
 # Lists chosen by MOE_TRITON_TUNE=wide on an H100, and on an H200 with TMA, over the four benchmark
@@ -31,7 +33,8 @@ from moe.kernels._tiles import expert_blocks, locate_tile, smem_prune, store_row
         wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 1),
               (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True, tma_store=True,
     ),
-    key=["D", "F", "GATHER", "TMA"], prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, store_flag="TMA")},
+    key=["D", "F", "GATHER", "TMA"],
+    prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, stores_on=tma_on)},
 )
 @triton.jit
 def gate_up_fwd(
@@ -106,7 +109,7 @@ def gate_up_fwd(
               (128, 256, 64, 8, 4)], persistent=True, tma_store=True,
     ),
     key=["D", "F", "SCATTER", "TMA"], reset_to_zero=["out_ptr"],
-    prune_configs_by={"early_config_prune": smem_prune("h_ptr", 1, store_flag="TMA and not SCATTER")},
+    prune_configs_by={"early_config_prune": smem_prune("h_ptr", 1, stores_on=tma_on_without_scatter)},
 )
 @triton.jit
 def down_fwd(
