@@ -269,3 +269,19 @@ def test_bad_tma_mode_is_refused():
     r = subprocess.run([sys.executable, "-c", "import moe.kernels._tiles"], env=env, capture_output=True, text=True)
     assert r.returncode != 0
     assert "MOE_TRITON_TMA='yes' is not one of ('auto', '0', '1'); unset it for 'auto'" in r.stderr
+
+
+def test_descriptor_store_configs_only_where_stores_can_use_them(monkeypatch):
+    """ST=1 configs are timed only where the launch stores through descriptors, and pay their store tile."""
+    import triton
+
+    monkeypatch.setattr(tiles, "AUTOTUNE", True)
+    cfgs = [triton.Config({"BM": 128, "BN": 256, "BK": 64, "ST": st}, num_warps=8, num_stages=stages)
+            for stages in (3, 4) for st in (1, 0)]
+    prune = tiles.smem_prune("a", 1, stores_on=tiles.tma_on_without_scatter)
+    a = torch.empty(1, dtype=torch.bfloat16)
+    kept = lambda **launch: [(c.num_stages, c.kwargs["ST"]) for c in prune(cfgs, {"a": a}, **launch)]  # noqa: E731
+    # Stage buffers: 48 KiB each; the store tile adds 64 KiB, so 4 stages + store (256 KiB) do not fit.
+    assert kept(TMA=True, SCATTER=False) == [(3, 1), (3, 0), (4, 0)]
+    assert kept(TMA=True, SCATTER=True) == [(3, 0), (4, 0)]
+    assert kept(TMA=False, SCATTER=False) == [(3, 0), (4, 0)]
