@@ -49,6 +49,7 @@ def run_one(backend: str, steps: int, extra: list[str], run_dir: Path) -> dict:
                     if r.get("perf/expert_compute_time_s") is not None]
     return {
         "backend": backend, "wall_s": time.monotonic() - started, "losses": [r["loss"] for r in rows],
+        "grad_norms": [r["grad_norm"] for r in rows],
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "mfu": statistics.median(r["perf/mfu"] for r in timed) if timed[0].get("perf/mfu") is not None else None,
         "step_ms": 1e3 * statistics.median(r["step_time_s"] for r in timed),
@@ -97,7 +98,28 @@ def main() -> None:
         print(f"| {r['backend']} | {r['tokens_per_s']:,.0f} ({each}) | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
               f"{r['step_ms']:.1f} | {mfu} | {share} | {r['max_memory_gib']:.1f} | "
               f"{max(diffs[:10]):.1e} / {max(diffs):.1e} | {r['losses'][-1]:.3f} |")
+    for b, rs in runs.items():
+        if len(rs) > 1:
+            print(f"{b}, {len(rs)} runs: {reproducibility(rs)}")
     (args.out / "results.json").write_text(json.dumps(runs, indent=1))
+
+
+def first_difference(a: dict, b: dict) -> int | None:
+    """The first step at which two runs' loss or gradient norm differ in any bit; None if none does."""
+    for step, pair in enumerate(zip(zip(a["losses"], a["grad_norms"]), zip(b["losses"], b["grad_norms"]))):
+        if pair[0] != pair[1]:
+            return step
+    return None
+
+
+def reproducibility(rs: list[dict]) -> str:
+    """How far runs of the same config agree: bitwise through which step, and the largest loss drift."""
+    firsts = [first_difference(rs[0], r) for r in rs[1:]]
+    drift = max(abs(x - y) / abs(y) for r in rs[1:] for x, y in zip(r["losses"], rs[0]["losses"]))
+    if all(f is None for f in firsts):
+        return f"loss and grad_norm bitwise equal at all {len(rs[0]['losses'])} steps"
+    first = min(f for f in firsts if f is not None)
+    return f"first step where loss or grad_norm differ: {first}; largest relative loss difference {drift:.1e}"
 
 
 if __name__ == "__main__":

@@ -264,6 +264,9 @@ def validate(job: JobConfig) -> None:
     if not 0 <= al.diversity_floor <= 1:
         p.append(f"logger.alerts.diversity_floor={al.diversity_floor}: must be between 0 and 1")
     p += kernel_env_problems(os.environ)
+    if job.train.deterministic and os.environ.get("MOE_TRITON_SCATTER", "combine") != "combine":
+        p.append(f"train.deterministic=true with MOE_TRITON_SCATTER={os.environ['MOE_TRITON_SCATTER']!r}: those "
+                 "atomic adds are not reproducible; unset it (deterministic runs take 'combine')")
     if job.logger.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         p.append("logger.wandb.mode='online': needs WANDB_API_KEY in the environment (or use offline and `wandb sync` later)")
     if p:

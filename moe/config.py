@@ -200,6 +200,11 @@ class TrainConfig:
     The router and routed experts stay eager (data-dependent shapes; the experts have their own
     kernels). Costs a compile at the first step (~40 s for deepseek_small on an H200; on CPU it
     needs a C++ compiler); not yet with parallel.tp > 1 or parallel.pp > 1."""
+    deterministic: bool = False
+    """Same config, data, seed and world layout give the same bits in every run: PyTorch's deterministic
+    algorithms (it raises on an op that has none), a fixed cuBLAS workspace, and the Triton experts'
+    fixed-order combine in place of atomics (moe/train/determinism.py). Slower; for debugging and
+    for comparing runs without noise."""
     force_balanced_routing: bool = False
     """Replace the router's choices by round-robin (same shapes, every expert equally loaded) to
     measure what real routing costs in throughput; see benchmarks/bench_balanced_routing.py."""

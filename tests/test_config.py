@@ -119,3 +119,14 @@ def test_bad_kernel_switch_is_refused_before_start(monkeypatch):
     monkeypatch.setenv("MOE_TRITON_SCATTER", "combine")
     monkeypatch.delenv("MOE_TRITON_TMA")
     assert isinstance(job_from([]), JobConfig)
+
+
+def test_deterministic_refuses_atomic_scatter(monkeypatch):
+    """train.deterministic takes the Triton experts' combine; an explicit atomic mode would be overridden
+    silently, so the launcher names the conflict instead."""
+    monkeypatch.setenv("MOE_TRITON_SCATTER", "bf16")
+    with pytest.raises(ConfigError, match=r"train.deterministic=true with MOE_TRITON_SCATTER='bf16'"):
+        job_from(["train.deterministic=true"])
+    assert isinstance(job_from([]), JobConfig)  # atomics are fine without it
+    monkeypatch.setenv("MOE_TRITON_SCATTER", "combine")
+    assert job_from(["train.deterministic=true"]).train.deterministic

@@ -44,9 +44,13 @@ def assert_matches(summary, reference, what: str):
             assert rel(a, b) <= RTOL or abs(a - b) < 1e-9, f"{what}: {key}[{step}] {a!r} vs one process {b!r}"
 
 
-@pytest.mark.parametrize("dp, ep", [(2, 1), (2, 2), (4, 2), (4, 4)], ids=["dp2", "ep2", "ep2-edp2", "ep4"])
-def test_layout_matches_single_process(tmp_path, reference, dp, ep):
-    summaries = run_distributed(make_job(tmp_path, dp=dp, ep=ep), world=dp)
+@pytest.mark.parametrize("dp, ep, extra", [(2, 1, []), (2, 2, []), (4, 2, []), (4, 4, []),
+                                           (2, 2, ["train.deterministic=true"])],
+                         ids=["dp2", "ep2", "ep2-edp2", "ep4", "ep2-deterministic"])
+def test_layout_matches_single_process(tmp_path, reference, dp, ep, extra):
+    """ep2-deterministic: every op of the EP step has a deterministic implementation (PyTorch raises
+    on one that has none) and reads no buffer it did not write (PyTorch fills new ones with NaN)."""
+    summaries = run_distributed(make_job(tmp_path, dp=dp, ep=ep, extra=extra), world=dp)
     assert len(reference["losses"]) == 10
     assert reference["losses"][-1] < reference["losses"][0]
     for rank, s in enumerate(summaries):

@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 import moe.kernels._tiles as tiles  # noqa: E402
 import moe.kernels.grouped_swiglu as gs  # noqa: E402
 from moe.model.experts import routed_experts  # noqa: E402
+from moe.train.determinism import deterministic_mode  # noqa: E402
 
 DEVICE = "cuda" if _ON_GPU else "cpu"
 # (name, E, D, F, tokens per expert, tokens T)
@@ -133,32 +134,38 @@ def test_matches_torch_backend(case, mode, with_gate, dtype, path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["tma", "pointers"])
-@pytest.mark.parametrize("scatter", ["combine", "fp32"])
+@pytest.mark.parametrize("scatter", ["combine", "fp32", "deterministic"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in SECOND_DTYPE_CASES], ids=SECOND_DTYPE_CASES)
 def test_scatter_modes(case, scatter, path, monkeypatch):
     """MOE_TRITON_SCATTER=combine (store rows, then one sum per token) and =fp32 (atomics into an fp32
-    buffer) against the torch backend, as the default bf16 atomics are in the test above."""
-    monkeypatch.setattr(gs, "SCATTER_MODE", scatter)
+    buffer) against the torch backend, as the default bf16 atomics are in the test above.
+    "deterministic": the default mode under `torch.use_deterministic_algorithms` takes the combine
+    (and PyTorch fills every new buffer with NaN, so an unwritten element shows)."""
+    monkeypatch.setattr(gs, "SCATTER_MODE", "bf16" if scatter == "deterministic" else scatter)
     _tma_launches(monkeypatch, path == "tma")
     combines = []
     real = gs.segment_sum
     monkeypatch.setattr(gs, "segment_sum", lambda *a: combines.append(len(a)) or real(*a))
-    _check_against_torch(case, "gather", True, DTYPES[0])
-    assert len(combines) == (2 if scatter == "combine" else 0)  # forward and backward, or never
+    with deterministic_mode(scatter == "deterministic"):
+        _check_against_torch(case, "gather", True, DTYPES[0])
+    assert len(combines) == (0 if scatter == "fp32" else 2)  # forward and backward, or never
 
 
 @pytest.mark.skipif(not _ON_GPU, reason="the interpreter runs one program at a time, so atomics are ordered "
                     "there too: only a GPU can tell")
-def test_combine_is_bitwise_reproducible(monkeypatch):
-    """MOE_TRITON_SCATTER=combine gives the same bits on every call: output and every gradient."""
-    monkeypatch.setattr(gs, "SCATTER_MODE", "combine")
+@pytest.mark.parametrize("how", ["env", "deterministic"])
+def test_combine_is_bitwise_reproducible(how, monkeypatch):
+    """MOE_TRITON_SCATTER=combine, or the default under train.deterministic, gives the same bits on
+    every call: output and every gradient."""
+    monkeypatch.setattr(gs, "SCATTER_MODE", "combine" if how == "env" else "bf16")
     name, E, D, F, counts, T = CASES[-1]
     tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, "gather", True, torch.bfloat16, 11)
-    first = _run("triton", tensors, counts_E, row_idx, gate, T, DEVICE, torch.bfloat16, 11)
-    for _ in range(3):
-        again = _run("triton", tensors, counts_E, row_idx, gate, T, DEVICE, torch.bfloat16, 11)
-        for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
-            assert torch.equal(a, b)
+    with deterministic_mode(how == "deterministic"):
+        first = _run("triton", tensors, counts_E, row_idx, gate, T, DEVICE, torch.bfloat16, 11)
+        for _ in range(3):
+            again = _run("triton", tensors, counts_E, row_idx, gate, T, DEVICE, torch.bfloat16, 11)
+            for a, b in zip([first[0], *first[1]], [again[0], *again[1]]):
+                assert torch.equal(a, b)
 
 
 def _check_against_torch(case, mode: str, with_gate: bool, dtype) -> None:

@@ -99,3 +99,22 @@ def test_idle_experts_get_exact_zero_grad():
         assert w.grad is not None
         assert torch.count_nonzero(w.grad[1]) == 0 and torch.count_nonzero(w.grad[4]) == 0
         assert torch.count_nonzero(w.grad[3]) > 0
+
+
+@pytest.mark.parametrize("qd, vd", [(96, 64), (24, 40)])
+def test_attention_one_head_size_matches_sdpa(qd, vd):
+    """The padded attention that deterministic runs use for MLA's unequal head sizes (so flash attention
+    can take them) gives SDPA's output and gradients."""
+    from moe.model.attention import attention_one_head_size
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 17, qd, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 17, vd, generator=gen, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, 17, vd, generator=gen, dtype=torch.float64)
+    results = []
+    for fn in (attention_one_head_size, lambda *a: torch.nn.functional.scaled_dot_product_attention(*a, is_causal=True)):
+        out = fn(q, k, v)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dy)))
+    for a, b in zip(*results):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

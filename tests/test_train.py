@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,6 +20,27 @@ def test_deterministic_and_learning(tiny_job, tmp_path):
     assert a["losses"][-1] < a["losses"][0]
     # ln(vocab) at initialisation: the weights start small, so the first loss is near uniform.
     assert abs(a["losses"][0] - torch.log(torch.tensor(4096.0)).item()) < 0.1
+
+
+def test_deterministic_mode_on_during_training_only(tiny_job, tmp_path, monkeypatch):
+    """train.deterministic turns PyTorch's deterministic algorithms on for the loop and puts the process's
+    settings back after it. On CPU the losses equal those of a default run bit for bit: every op has a
+    deterministic form and none reads a buffer it did not write (PyTorch fills new ones with NaN)."""
+    import moe.train.loop as loop
+
+    tiny_job.train.steps = 3
+    plain = train(tiny_job)
+    seen = []
+    real = loop.forward_backward
+    monkeypatch.setattr(loop, "forward_backward", lambda *a: seen.append(
+        (torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))) or real(*a))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    tiny_job.train.deterministic = True
+    tiny_job.run_dir = str(tmp_path / "deterministic")
+    det = train(tiny_job)
+    assert seen == [(True, ":4096:8")] * 3
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert [x.hex() for x in det["losses"]] == [x.hex() for x in plain["losses"]]
 
 
 def test_writes_metrics_and_summary(tiny_job, tmp_path):

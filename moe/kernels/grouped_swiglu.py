@@ -14,9 +14,10 @@ Shapes: x [X, D]; weights w_gate/w_up [E, D, F], w_down [E, F, D]; S routed rows
 Precision: operands in the compute dtype (bf16 on GPU; fp32/fp16 work too), fp32 accumulation. In
 gather mode a token's k result rows (and, in backward, its k input-gradient rows) are added by
 atomics in the GEMM epilogues (bf16 for bf16, else fp32), so results are not bitwise reproducible,
-like index_add. MOE_TRITON_SCATTER=combine makes them reproducible: the GEMMs store rows in sorted
-order and `row_combine.segment_sum` adds each token's rows in fp32 in a fixed order. On an H200 that
-took the same GPU time on the large benchmark layers, but adds host time (three small launches and
+like index_add. MOE_TRITON_SCATTER=combine (or `torch.use_deterministic_algorithms`, which
+train.deterministic turns on) makes them reproducible: the GEMMs store rows in sorted order and
+`row_combine.segment_sum` adds each token's rows in fp32 in a fixed order. On an H200 that took
+the same GPU time on the large benchmark layers, but adds host time (three small launches and
 one more kernel per pass) and one [rows, D] buffer per pass (BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -36,6 +37,14 @@ from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 # bf16 for bf16 operands; "fp32": atomics into an fp32 buffer; "combine": rows stored, then summed in
 # fp32 by a separate pass, bitwise reproducible. Read at each launch, so a benchmark can compare them.
 SCATTER_MODE = kernel_env("MOE_TRITON_SCATTER")
+
+
+def scatter_mode() -> str:
+    """The MOE_TRITON_SCATTER mode a launch uses: "combine" while `torch.use_deterministic_algorithms`
+    is on, as PyTorch's own index_add turns deterministic under it (train.deterministic sets it)."""
+    return "combine" if torch.are_deterministic_algorithms_enabled() else SCATTER_MODE
+
+
 # Tests set this to fill every buffer a kernel must write with NaN, so an element no program wrote shows.
 POISON_BUFFERS = False
 
@@ -52,7 +61,7 @@ def _scatter_dtype(dt: torch.dtype) -> torch.dtype:
     and cast, at the rounding the torch backends' bf16 index_add also has; MOE_TRITON_SCATTER=fp32
     accumulates in fp32 instead. fp16 always goes through fp32.
     """
-    if dt == torch.bfloat16 and SCATTER_MODE == "bf16":
+    if dt == torch.bfloat16 and scatter_mode() == "bf16":
         return torch.bfloat16
     return torch.float32
 
@@ -116,7 +125,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
             E, D, F, S, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
-        scatter = gather and SCATTER_MODE != "combine"
+        scatter = gather and scatter_mode() != "combine"
         segments = None
         if scatter:
             # Accumulator for the scatter-add (top-k rows meet in one token row).

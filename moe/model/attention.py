@@ -20,7 +20,27 @@ class CausalAttention(nn.Module):
         if repeat > 1:
             k_BKSQ = k_BKSQ.repeat_interleave(repeat, dim=1)
             v_BKSV = v_BKSV.repeat_interleave(repeat, dim=1)
+        if (q_BHSQ.shape[-1] != v_BKSV.shape[-1] and q_BHSQ.is_cuda
+                and torch.are_deterministic_algorithms_enabled()):
+            return attention_one_head_size(q_BHSQ, k_BKSQ, v_BKSV)
         return F.scaled_dot_product_attention(q_BHSQ, k_BKSQ, v_BKSV, is_causal=True)
+
+
+def attention_one_head_size(q_BHSQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA with the smaller head size zero-padded to the larger, so flash attention can run.
+
+    Flash attention wants q, k and v of one head size; MLA's differ (e.g. 96 and 64). By default cuDNN
+    takes such heads, but its backward is not deterministic, so under deterministic algorithms SDPA
+    falls back to memory-efficient attention, 2.6x slower than flash on deepseek_small's heads (H200,
+    BENCHMARKS.md). Zero columns of v give zero output columns (dropped again); zero columns of q and
+    k add nothing to q.k, and the scale stays that of the real q head size."""
+    qd, vd = q_BHSQ.shape[-1], v_BHSV.shape[-1]
+    scale = qd**-0.5
+    if vd < qd:
+        out = F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, F.pad(v_BHSV, (0, qd - vd)), is_causal=True, scale=scale)
+        return out[..., :vd]
+    q_BHSQ, k_BHSQ = F.pad(q_BHSQ, (0, vd - qd)), F.pad(k_BHSQ, (0, vd - qd))
+    return F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, v_BHSV, is_causal=True, scale=scale)
 
 
 class MLA(nn.Module):

@@ -24,6 +24,7 @@ from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradient
 from moe.parallel.inflight import collective
 from moe.parallel.mesh import ParallelContext
 from moe.train.load_metrics import model_load_metrics, to_cpu
+from moe.train.determinism import deterministic_mode
 from moe.train.observability import Observability
 from moe.train import checkpoint, faults, resume
 from moe.train.optim import build_optimizer, lr_at, set_lr
@@ -132,7 +133,11 @@ def evaluate(model: Transformer, dataset, job: JobConfig, step: int, device, ctx
 def train(job: JobConfig, report: Report | None = None, ctx: ParallelContext | None = None) -> dict[str, Any]:
     """Train `job` on this rank and return the summary. `ctx` places the rank in the parallel layout
     (its share of each global batch, its experts, its groups); None means one process."""
-    ctx = ctx or ParallelContext()
+    with deterministic_mode(job.train.deterministic):
+        return _train(job, report, ctx or ParallelContext())
+
+
+def _train(job: JobConfig, report: Report | None, ctx: ParallelContext) -> dict[str, Any]:
     t = job.train
     device = pick_device(job.cluster.use_gpu)
     torch.manual_seed(t.seed)
