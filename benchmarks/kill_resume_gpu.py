@@ -1,6 +1,10 @@
-"""Kill one of two GPU workers mid-run, resume from the last checkpoint, compare with an uninterrupted run.
+"""Kill a GPU worker mid-run, resume from the last checkpoint, compare with an uninterrupted run.
 
     NCCL_NVLS_ENABLE=0 python benchmarks/kill_resume_gpu.py --steps 20 --kill-step 7 --checkpoint-every 5
+        [--world 1|2] [--deterministic]
+
+--world 2 (default): dp=2 x ep=2 on two GPUs; --world 1: one GPU. --deterministic sets
+train.deterministic=true, under which the resumed run must equal the reference bit for bit.
 
 No Ray: each rank is a spawned process that calls moe.train.worker.run_worker (the function the Ray
 actors call), on its own GPU, NCCL, bf16 autocast. Runs:
@@ -38,8 +42,8 @@ def make_job(args, run_dir: str):
         "train.warmup_steps=5", f"cluster.use_gpu={not args.cpu}", f"train.dtype={'auto' if args.cpu else 'bf16'}",
         f"model.moe.backend={'auto' if args.cpu else args.backend}",
         f"train.lr={args.lr}", f"train.checkpoint_every={args.checkpoint_every}", "train.keep_checkpoints=10",
-        "parallel.dp=2", "parallel.ep=2", "cluster.num_workers=2", f"parallel.timeout_s={args.timeout_s}",
-        "logger.plot_every=0",
+        f"parallel.dp={args.world}", f"parallel.ep={args.world}", f"cluster.num_workers={args.world}",
+        f"parallel.timeout_s={args.timeout_s}", "logger.plot_every=0", f"train.deterministic={args.deterministic}",
     ])
     job.run_dir = run_dir
     return job
@@ -56,7 +60,7 @@ def _rank(rank: int, port: int, args, run_dir: str, fault: str | None) -> None:
         os.environ["MOE_TEST_FAULT"] = fault
     from moe.train.worker import run_worker
 
-    summary = run_worker(make_job(args, run_dir), rank, 2, "127.0.0.1", port, [0, 0])
+    summary = run_worker(make_job(args, run_dir), rank, args.world, "127.0.0.1", port, [0] * args.world)
     with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
         json.dump(summary, f)
 
@@ -68,7 +72,7 @@ def attempt(args, run_dir: str, fault: str | None = None) -> bool:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank, args=(r, port, args, run_dir, fault)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, port, args, run_dir, fault)) for r in range(args.world)]
     for p in procs:
         p.start()
     while any(p.is_alive() for p in procs):
@@ -127,14 +131,18 @@ def main() -> None:
     p.add_argument("--timeout-s", type=int, default=120)
     p.add_argument("--no-noise-floor", action="store_true")
     p.add_argument("--cpu", action="store_true", help="gloo on CPU in fp32: a quick check of this script itself")
+    p.add_argument("--world", type=int, default=2, choices=[1, 2], help="workers (GPUs), each dp and ep")
+    p.add_argument("--deterministic", action="store_true", help="train.deterministic=true")
     p.add_argument("--out", default="/tmp/kill_resume_gpu")
     args = p.parse_args()
+    if args.world == 1 and args.kill_where == "all_to_all":
+        p.error("--kill-where=all_to_all needs --world 2: one worker has no all-to-all to die in")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.makedirs(args.out, exist_ok=True)
 
     ref = run(args, "reference")
     again = None if args.no_noise_floor else run(args, "noise_floor")
-    killed = run(args, "killed", f"kill:rank=1:step={args.kill_step}:where={args.kill_where}")
+    killed = run(args, "killed", f"kill:rank={args.world - 1}:step={args.kill_step}:where={args.kill_where}")
     print("| step | reference | resumed | rel diff |")
     print("|---|---|---|---|")
     for step, (a, b) in enumerate(zip(ref["losses"], killed["losses"])):
@@ -144,7 +152,8 @@ def main() -> None:
         compare("noise floor (second uninterrupted run)", again, ref)
     worst = compare("killed and resumed", killed, ref)
     print(f"max relative loss difference, kill at step {args.kill_step} ({args.kill_where}) and resume vs "
-          f"uninterrupted, {args.steps} steps bf16 on 2 GPUs: {worst:.3e}")
+          f"uninterrupted, {args.steps} steps {'fp32 on CPU' if args.cpu else 'bf16'} with {args.world} worker(s)"
+          f"{', deterministic' if args.deterministic else ''}: {worst:.3e}")
 
 
 if __name__ == "__main__":
