@@ -98,7 +98,7 @@ def run(args, name: str, fault: str | None = None) -> dict:
     if not attempt(args, run_dir, fault):
         if fault is None:
             raise SystemExit(f"{name} failed without a fault; see the errors above")
-        print(f"{name}: restarting both ranks on {run_dir} (train.resume=auto)", flush=True)
+        print(f"{name}: restarting the workers on {run_dir} (train.resume=auto)", flush=True)
         if not attempt(args, run_dir):
             raise SystemExit(f"{name}: the resumed attempt failed; see the errors above")
     return json.load(open(os.path.join(run_dir, "rank0.json")))
