@@ -203,8 +203,9 @@ class TrainConfig:
     deterministic: bool = False
     """Same config, data, seed and world layout give the same bits in every run: PyTorch's deterministic
     algorithms (it raises on an op that has none), a fixed cuBLAS workspace, and the Triton experts'
-    fixed-order combine in place of atomics (moe/train/determinism.py). Slower; for debugging and
-    for comparing runs without noise."""
+    fixed-order combine in place of atomics (moe/train/determinism.py). For debugging, for comparing
+    runs without noise, and for resuming to the same bits; deepseek_small on an H200 ran at about
+    0.8x the default tokens/s."""
     force_balanced_routing: bool = False
     """Replace the router's choices by round-robin (same shapes, every expert equally loaded) to
     measure what real routing costs in throughput; see benchmarks/bench_balanced_routing.py."""
