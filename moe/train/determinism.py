@@ -8,8 +8,9 @@ head sizes padded to one (`moe.model.attention.attention_one_head_size`; SDPA's 
 memory-efficient attention, slower still); cuBLAS with a fixed workspace; and every new buffer
 filled with NaN, so a read of memory nobody wrote shows. Our Triton experts follow the same
 switch: they sum a token's rows with the fixed-order combine instead of atomics
-(`moe/kernels/grouped_swiglu.py`). Collectives are exact data movement (all-to-all) or NCCL
-reductions, which repeat on the same world layout and hardware.
+(`moe/kernels/grouped_swiglu.py`). Collectives are exact data movement (all-to-all, the P2P
+pulls) or reductions whose order is fixed by the world layout (NCCL picks the same algorithm for the
+same sizes and topology); that part is measured on CPU (gloo) only, as no two-GPU machine has run it.
 
 Measured on an H200 (BENCHMARKS.md): two runs of deepseek_small bitwise equal at every step, with
 either expert backend, with train.compile, and with the first kernel configs instead of autotuned
