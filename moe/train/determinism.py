@@ -14,7 +14,7 @@ same sizes and topology); that part is measured on CPU (gloo) only, as no two-GP
 
 Measured on an H200 (BENCHMARKS.md): two runs of deepseek_small bitwise equal at every step, with
 either expert backend, with train.compile, and with the first kernel configs instead of autotuned
-ones; at 0.78-0.81x the tokens/s of a default run (triton; grouped_mm 0.86x). Not promised: equal
+ones; at 0.78-0.82x the tokens/s of a default run (triton; grouped_mm 0.87x). Not promised: equal
 bits across world layouts, GPU models or library versions, which change reduction orders.
 """
 from __future__ import annotations
