@@ -32,8 +32,9 @@ def attention_one_head_size(q_BHSQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: 
     Flash attention wants q, k and v of one head size; MLA's differ (e.g. 96 and 64). By default cuDNN
     takes such heads, but its backward is not deterministic, so under deterministic algorithms SDPA
     falls back to memory-efficient attention: 6.8 ms per fwd+bwd against 4.0 ms for padded flash on
-    deepseek_small's heads (H200, BENCHMARKS.md). Zero columns of v give zero output columns (dropped again); zero columns of q and
-    k add nothing to q.k, and the scale stays that of the real q head size."""
+    deepseek_small's heads (H200, BENCHMARKS.md). Zero columns of v give zero output columns
+    (dropped again); zero columns of q and k add nothing to q.k, and the scale stays that of the real
+    q head size."""
     qd, vd = q_BHSQ.shape[-1], v_BHSV.shape[-1]
     scale = qd**-0.5
     if vd < qd:
