@@ -78,3 +78,28 @@ def test_lr_schedule_warmup_and_cosine(tiny_job):
     assert lr_at(2, t) == pytest.approx(1.0)
     assert lr_at(6, t) == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
     assert lr_at(10, t) == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU kernels are where runs stop repeating")
+def test_deterministic_runs_repeat_bitwise_on_gpu(tiny_job, tmp_path, monkeypatch):
+    """On a GPU, bf16: two train.deterministic runs give the same loss and gradient norm bits at every
+    step, through the Triton experts' combine and the padded flash attention (MLA's head sizes differ)."""
+    import moe.kernels.grouped_swiglu as gs
+    import moe.model.attention as attention
+
+    used = {"combine": 0, "padded": 0}
+    real_sum, real_attn = gs.segment_sum, attention.attention_one_head_size
+    monkeypatch.setattr(gs, "segment_sum", lambda *a: used.__setitem__("combine", used["combine"] + 1) or real_sum(*a))
+    monkeypatch.setattr(attention, "attention_one_head_size",
+                        lambda *a: used.__setitem__("padded", used["padded"] + 1) or real_attn(*a))
+    t = tiny_job.train
+    t.steps, t.seq_len, t.global_batch_size, t.micro_batch_size, t.deterministic = 6, 256, 8, 4, True
+    tiny_job.cluster.use_gpu = True
+    tiny_job.model.moe.backend = "triton"
+    runs = []
+    for name in ("a", "b"):
+        tiny_job.run_dir = str(tmp_path / name)
+        s = train(tiny_job)
+        runs.append([(x.hex(), y.hex()) for x, y in zip(s["losses"], s["grad_norms"])])
+    assert runs[0] == runs[1]
+    assert used["combine"] > 0 and used["padded"] > 0, used
