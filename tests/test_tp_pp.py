@@ -29,9 +29,10 @@ from tests.test_pipeline_parallel import (  # noqa: F401  (fixtures: the referen
 from tests.test_tensor_parallel import _skip_tp_sum_of_moe_grads
 
 
-def _check_against_reference(tmp_path, reference, dp: int, tp: int, pp: int, ep: int) -> None:
+def _check_against_reference(tmp_path, reference, dp: int, tp: int, pp: int, ep: int,
+                             extra: list[str] | None = None) -> None:
     ref, ref_rows = reference
-    summaries = run_distributed(make_job(tmp_path, dp=dp, tp=tp, pp=pp, ep=ep), world=dp * tp * pp)
+    summaries = run_distributed(make_job(tmp_path, dp=dp, tp=tp, pp=pp, ep=ep, extra=extra), world=dp * tp * pp)
     for rank, s in enumerate(summaries):  # every rank holds the global loss and norm
         worst = worst_diff(s, ref)
         print(f"dp={dp} tp={tp} pp={pp} ep={ep} rank {rank}: max relative difference {worst}")
@@ -42,9 +43,14 @@ def _check_against_reference(tmp_path, reference, dp: int, tp: int, pp: int, ep:
     assert_logged_metrics_match(rows(tmp_path), ref_rows, ep, exact_first_step=False)
 
 
-@pytest.mark.parametrize("dp, tp, pp, ep", [(1, 2, 2, 1), (1, 2, 2, 2)], ids=["pp2-tp2", "pp2-tp2-ep2"])
-def test_tp_pp_matches_single_process(tmp_path, reference, dp, tp, pp, ep):
-    _check_against_reference(tmp_path, reference, dp, tp, pp, ep)
+@pytest.mark.parametrize("dp, tp, pp, ep, extra", [(1, 2, 2, 1, []), (1, 2, 2, 2, []),
+                                                   (1, 2, 2, 2, ["train.deterministic=true"])],
+                         ids=["pp2-tp2", "pp2-tp2-ep2", "pp2-tp2-ep2-deterministic"])
+def test_tp_pp_matches_single_process(tmp_path, reference, dp, tp, pp, ep, extra):
+    """pp2-tp2-ep2-deterministic: DTensor's parallel styles, the pipeline schedule and the dispatcher
+    all run under PyTorch's deterministic algorithms (which raise on an op without a deterministic
+    form, and fill new buffers with NaN)."""
+    _check_against_reference(tmp_path, reference, dp, tp, pp, ep, extra)
 
 
 @pytest.mark.slow
