@@ -88,10 +88,15 @@ def test_deterministic_runs_repeat_bitwise_on_gpu(tiny_job, tmp_path, monkeypatc
     import moe.model.attention as attention
 
     used = {"combine": 0, "padded": 0}
-    real_sum, real_attn = gs.segment_sum, attention.attention_one_head_size
-    monkeypatch.setattr(gs, "segment_sum", lambda *a: used.__setitem__("combine", used["combine"] + 1) or real_sum(*a))
-    monkeypatch.setattr(attention, "attention_one_head_size",
-                        lambda *a: used.__setitem__("padded", used["padded"] + 1) or real_attn(*a))
+
+    def counted(key: str, fn):
+        def call(*args):
+            used[key] += 1
+            return fn(*args)
+        return call
+
+    monkeypatch.setattr(gs, "segment_sum", counted("combine", gs.segment_sum))
+    monkeypatch.setattr(attention, "attention_one_head_size", counted("padded", attention.attention_one_head_size))
     t = tiny_job.train
     t.steps, t.seq_len, t.global_batch_size, t.micro_batch_size, t.deterministic = 6, 256, 8, 4, True
     tiny_job.cluster.use_gpu = True
