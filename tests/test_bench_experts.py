@@ -61,3 +61,18 @@ def test_bad_arguments_fail_before_any_gpu_work(script, args, message):
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2
     assert message in r.stderr
+
+
+def test_train_bench_names_the_first_differing_step():
+    """bench_train_backends' reproducibility line: bitwise equal runs, and the first step where a loss or
+    a gradient norm differs in any bit."""
+    from bench_train_backends import first_difference, reproducibility
+
+    a = {"losses": [3.0, 2.0, 1.0], "grad_norms": [1.0, 1.0, 1.0]}
+    norm_differs = {"losses": [3.0, 2.0, 1.0], "grad_norms": [1.0, 1.0 + 2**-40, 1.0]}
+    loss_differs = {"losses": [3.0, 2.0, 1.5], "grad_norms": [1.0, 1.0, 1.0]}
+    assert first_difference(a, dict(a)) is None
+    assert first_difference(a, norm_differs) == 1
+    assert reproducibility([a, dict(a)]) == "loss and grad_norm bitwise equal at all 3 steps"
+    assert reproducibility([a, loss_differs, norm_differs]) == (
+        "first step where loss or grad_norm differ: 1; largest relative loss difference 5.0e-01")
