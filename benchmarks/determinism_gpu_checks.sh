@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The one-GPU checks of train.deterministic. From the repository root:
+# The GPU checks of train.deterministic (all on one GPU but two_gpu). From the repository root:
 #     bash benchmarks/determinism_gpu_checks.sh [out_dir] [parts]
-# parts: comma-separated among the four below (default attention,train,kernels: one 10-minute call).
+# parts: comma-separated among the five below (default attention,train,kernels: one 10-minute call).
 # attention: which SDPA kernels run with and without deterministic mode, whether they repeat, their time;
 # train:     deepseek_small seq 2048: two deterministic runs per expert backend (bitwise equal?), one
 #            default run of each for tokens/s, and a deterministic run with the first kernel config
 #            instead of autotuned ones (do the configs change the bits?);
 # compile:   two deterministic runs with train.compile=true;
-# kernels:   the kernel tests of the combine and of deterministic mode, in bf16.
+# kernels:   the kernel tests of the combine and of deterministic mode, in bf16;
+# two_gpu:   (needs two GPUs) dp=2 x ep=2 under train.deterministic: a repeat of the run (the noise
+#            floor) and a run killed at step 11 and resumed must both equal the reference bit for bit.
 set -uo pipefail
 out=${1:-${OUT:-/tmp/determinism_checks}}
 parts=,${2:-attention,train,kernels},
@@ -36,6 +38,11 @@ fi
 if [[ $parts == *,compile,* ]]; then
   timeout 240 $train --out /tmp/det_compile --backends triton --repeats 2 train.deterministic=true train.compile=true \
     2>&1 | tee "$out/train_deterministic_compile.txt"
+fi
+if [[ $parts == *,two_gpu,* ]]; then
+  export NCCL_NVLS_ENABLE=0
+  timeout 420 python3 benchmarks/kill_resume_gpu.py --world 2 --deterministic --backend triton --steps 20 \
+    --kill-step 11 --checkpoint-every 7 --out /tmp/kill_resume_det2 2>&1 | tee "$out/two_gpu_deterministic.txt"
 fi
 if [[ $parts == *,kernels,* ]]; then
   timeout 150 python3 -m pytest -q tests/test_kernels.py -k "bitwise or scatter_modes" 2>&1 | tail -4 \
