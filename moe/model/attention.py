@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe.config import ModelConfig
-from moe.model.layers import RMSNorm, apply_rope, rope_cos_sin
+from moe.model.layers import RMSNorm, RotaryTables, apply_rope
 
 
 class CausalAttention(nn.Module):
@@ -55,7 +55,6 @@ class MLA(nn.Module):
         self.rope_dim = cfg.qk_rope_head_dim
         self.v_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
-        self.rope_theta = cfg.rope_theta
         qk_dim = self.nope_dim + self.rope_dim
         D, H = cfg.hidden_size, cfg.num_heads
         if cfg.q_lora_rank > 0:
@@ -68,6 +67,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
+        self.rope = RotaryTables(cfg.max_seq_len, self.rope_dim, cfg.rope_theta)
         self.core = CausalAttention()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class MLA(nn.Module):
         kv = self.wkv_b(self.kv_norm(latent)).view(B, S, H, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v_BHSV = kv.split([self.nope_dim, self.v_dim], dim=-1)
 
-        cos, sin = rope_cos_sin(S, self.rope_dim, self.rope_theta, x_BSD.device)
+        cos, sin = self.rope(S)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(k_rope_BSR.unsqueeze(1), cos, sin).expand(B, H, S, self.rope_dim)
         q_BHSQ = torch.cat([q_nope, q_rope], dim=-1)
@@ -101,12 +101,12 @@ class GQA(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
         D = cfg.hidden_size
         self.wq = nn.Linear(D, cfg.num_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(D, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, D, bias=False)
+        self.rope = RotaryTables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.core = CausalAttention()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,7 @@ class GQA(nn.Module):
         q = self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_cos_sin(S, self.head_dim, self.rope_theta, x_BSD.device)
+        cos, sin = self.rope(S)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))

@@ -27,6 +27,26 @@ def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device) -> 
     return angles_SR.cos(), angles_SR.sin()
 
 
+class RotaryTables(nn.Module):
+    """The cos/sin tables of `rope_cos_sin` up to `max_seq_len`, computed once.
+
+    A forward used to rebuild them (seven small kernels per attention layer and micro-batch). They are
+    non-persistent fp32 buffers: they follow the module to its device, and checkpoints leave them out.
+    """
+
+    def __init__(self, max_seq_len: int, dim: int, theta: float) -> None:
+        super().__init__()
+        self.dim, self.theta = dim, theta
+        cos_SR, sin_SR = rope_cos_sin(max_seq_len, dim, theta, torch.device("cpu"))
+        self.register_buffer("cos_SR", cos_SR, persistent=False)
+        self.register_buffer("sin_SR", sin_SR, persistent=False)
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if seq_len > self.cos_SR.shape[0]:  # longer than the model was built for (tests): compute
+            return rope_cos_sin(seq_len, self.dim, self.theta, self.cos_SR.device)
+        return self.cos_SR[:seq_len], self.sin_SR[:seq_len]
+
+
 def apply_rope(x_BHSR: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved channel pairs of x [..., S, R] (R even)."""
     if isinstance(x_BHSR, DTensor):  # tensor parallel (heads sharded or replicated): the tables are the same everywhere
