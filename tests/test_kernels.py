@@ -168,24 +168,6 @@ def test_combine_is_bitwise_reproducible(how, monkeypatch):
                 assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not _ON_GPU, reason="CUDA streams: the interpreter runs one launch at a time")
-@pytest.mark.parametrize("side", ["dw_down", "dx"])
-def test_backward_side_stream_gives_the_same_bits(side, monkeypatch):
-    """A backward kernel on a second stream (gs.BACKWARD_SIDE_STREAM) gives the bits of the one-stream
-    backward, in the reproducible combine mode: a missing wait, or a buffer reused while the side
-    stream still reads it, would change them."""
-    name, E, D, F, counts, T = CASES[-1]
-    tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, "gather", True, torch.bfloat16, 5)
-    results = {}
-    with deterministic_mode(True):
-        for mode in ("none", side):
-            monkeypatch.setattr(gs, "BACKWARD_SIDE_STREAM", mode)
-            out, grads = _run("triton", tensors, counts_E, row_idx, gate, T, DEVICE, torch.bfloat16, 5)
-            results[mode] = [out, *grads]
-    for a, b in zip(results["none"], results[side]):
-        assert torch.equal(a, b)
-
-
 def _check_against_torch(case, mode: str, with_gate: bool, dtype) -> None:
     """Triton output and gradients against the torch backend in fp32, and idle experts' exact zeros."""
     name, E, D, F, counts, T = case

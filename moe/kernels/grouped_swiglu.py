@@ -22,8 +22,7 @@ one more kernel per pass) and one [rows, D] buffer per pass (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import triton
@@ -44,37 +43,6 @@ def scatter_mode() -> str:
     """The MOE_TRITON_SCATTER mode a launch uses: "combine" while `torch.use_deterministic_algorithms`
     is on, as PyTorch's own index_add turns deterministic under it (train.deterministic sets it)."""
     return "combine" if torch.are_deterministic_algorithms_enabled() else SCATTER_MODE
-
-
-# Which backward kernel runs on a second CUDA stream, beside the others: "dw_down" (the down-projection
-# weight gradient, next to dw_gate_up_bwd and dx_bwd), "dx" (the input gradient, next to both weight
-# gradients) or "none". All three only read what swiglu_bwd_rows wrote. A module attribute so a
-# benchmark can compare them in one process.
-BACKWARD_SIDE_STREAM = "dw_down"
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(dev: torch.device, kernel: str) -> torch.cuda.Stream | None:
-    if dev.type != "cuda" or BACKWARD_SIDE_STREAM != kernel:
-        return None
-    if dev not in _side_streams:
-        _side_streams[dev] = torch.cuda.Stream(dev)
-    return _side_streams[dev]
-
-
-@contextlib.contextmanager
-def _launched_on(side: torch.cuda.Stream | None) -> Iterator[None]:
-    """Launch on `side` (after the work queued so far on the current stream) when it is given.
-
-    Callers allocate the launch's outputs before, on the current stream, keep every input alive until
-    they join the streams again, and join before returning.
-    """
-    if side is None:
-        yield
-        return
-    side.wait_stream(torch.cuda.current_stream(side.device))
-    with torch.cuda.stream(side):
-        yield
 
 
 # Tests set this to fill every buffer a kernel must write with NaN, so an element no program wrote shows.
@@ -221,29 +189,6 @@ class GroupedSwiGLU(torch.autograd.Function):
 
         d_wg = d_wu = d_wd = None
         need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        need_x = ctx.needs_input_grad[0]
-        side_dw = _side_stream(dev, "dw_down") if need_w else None
-        side_dx = _side_stream(dev, "dx") if need_w and need_x else None
-
-        def input_grad() -> torch.Tensor | None:
-            if not need_x:
-                return None
-            if scatter:
-                dx = torch.zeros(x.shape[0], D, dtype=_scatter_dtype(dt), device=dev)
-            elif gather:
-                dx = _empty(S, D, dtype=dt, device=dev)  # per sorted row; summed per token below
-            else:
-                dx = ctx.grad_x_buf(x.shape[0]) if ctx.grad_x_buf is not None else _empty(x.shape[0], D, dtype=dt, device=dev)
-            tma = device_tma(use_tma, dg_SF, du_SF, w_gate_EDF, w_up_EDF, *(() if scatter else (dx,)))
-            with _launched_on(side_dx):  # launched first when on the side stream, so it runs beside the rest
-                dx_bwd[_row_grid(S, E, D, progs)](
-                    dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if scatter else dummy, counts_E, dx, E, D, F, S,
-                    dx.shape[0],
-                    SCATTER=scatter, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
-                )
-            return dx
-
-        dx = input_grad() if side_dx is not None else None
         if need_w:
             counts64 = counts_E.to(torch.int64)
             starts_E = torch.cumsum(counts64, 0) - counts64
@@ -254,11 +199,10 @@ class GroupedSwiGLU(torch.autograd.Function):
             order_E = order_E.to(torch.int32)
             d_wd = _empty(E, F, D, dtype=dt, device=dev)
             tma, (hc, dwd) = tma_args(use_tma, hc_SF, d_wd)
-            with _launched_on(side_dw):
-                dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
-                    hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
-                    GATHER=gather, DOT_PREC=prec, TMA=tma,
-                )
+            dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
+                hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
+                GATHER=gather, DOT_PREC=prec, TMA=tma,
+            )
             d_wg = _empty(E, D, F, dtype=dt, device=dev)
             d_wu = _empty(E, D, F, dtype=dt, device=dev)
             tma, (dg, du, dwg, dwu) = tma_args(use_tma, dg_SF, du_SF, d_wg, d_wu)
@@ -266,14 +210,22 @@ class GroupedSwiGLU(torch.autograd.Function):
                 x, dg, du, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwg, dwu, D, F,
                 GATHER=gather, DOT_PREC=prec, TMA=tma,
             )
-
-        if side_dx is None:
-            dx = input_grad()
-        for side in (side_dw, side_dx):
-            if side is not None:  # the inputs above stay referenced until here
-                torch.cuda.current_stream(dev).wait_stream(side)
         del hc_SF
-        if dx is not None:
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if scatter:
+                dx = torch.zeros(x.shape[0], D, dtype=_scatter_dtype(dt), device=dev)
+            elif gather:
+                dx = _empty(S, D, dtype=dt, device=dev)  # per sorted row; summed per token below
+            else:
+                dx = ctx.grad_x_buf(x.shape[0]) if ctx.grad_x_buf is not None else _empty(x.shape[0], D, dtype=dt, device=dev)
+            tma = device_tma(use_tma, dg_SF, du_SF, w_gate_EDF, w_up_EDF, *(() if scatter else (dx,)))
+            dx_bwd[_row_grid(S, E, D, progs)](
+                dg_SF, du_SF, w_gate_EDF, w_up_EDF, row_idx_S if scatter else dummy, counts_E, dx, E, D, F, S,
+                dx.shape[0],
+                SCATTER=scatter, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
+            )
             if segments:
                 dx = segment_sum(dx, *segments, x.shape[0], dt)
             elif scatter and dx.dtype != dt:
