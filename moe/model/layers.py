@@ -30,7 +30,7 @@ def rope_cos_sin(seq_len: int, dim: int, theta: float, device: torch.device) -> 
 class RotaryTables(nn.Module):
     """The cos/sin tables of `rope_cos_sin` up to `max_seq_len`, computed once.
 
-    A forward used to rebuild them (seven small kernels per attention layer and micro-batch). They are
+    A forward used to rebuild them (nine small kernels per attention layer and micro-batch). They are
     non-persistent fp32 buffers: they follow the module to its device, and checkpoints leave them out.
     """
 
