@@ -118,3 +118,17 @@ def test_attention_one_head_size_matches_sdpa(qd, vd):
     for a, b in zip(*results):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_rotary_tables_are_built_once_and_match_the_formula():
+    """The attention's cached cos/sin tables equal `rope_cos_sin` for every length up to the model's, are
+    computed on the fly beyond it, and stay out of the state dict (checkpoints)."""
+    from moe.model.layers import RotaryTables, rope_cos_sin
+
+    tables = RotaryTables(max_seq_len=64, dim=32, theta=10000.0)
+    for S in (1, 17, 64, 80):
+        cos, sin = tables(S)
+        ref_cos, ref_sin = rope_cos_sin(S, 32, 10000.0, torch.device("cpu"))
+        assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    assert tables(17)[0].data_ptr() == tables.cos_SR.data_ptr()  # a view of the table, not a new one
+    assert tables.state_dict() == {}
