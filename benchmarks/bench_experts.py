@@ -28,15 +28,18 @@ from moe.model.experts import routed_experts  # noqa: E402
 
 _TMA_DEFAULT = _tiles.TMA_MODE
 _SCATTER_DEFAULT = grouped_swiglu.SCATTER_MODE
+_WS_DEFAULT = grouped_swiglu.WS_MODE
 # Variants of the Triton kernel, so one run compares them: "triton_ptr" has TMA off (pointer loads only);
-# "triton_combine" sums a token's rows in a separate, reproducible pass instead of the epilogue atomics.
-TRITON_VARIANTS = ("triton", "triton_ptr", "triton_combine")
+# "triton_combine" sums a token's rows in a separate, reproducible pass instead of the epilogue atomics;
+# "triton_nows" keeps the atomic down projection where MOE_TRITON_WS would pick the warp-specialized one.
+TRITON_VARIANTS = ("triton", "triton_ptr", "triton_combine", "triton_nows")
 
 
 def run_experts(backend: str, *args):
     """`routed_experts` by backend name, where the Triton variants above select the kernel's options."""
     _tiles.TMA_MODE = "0" if backend == "triton_ptr" else _TMA_DEFAULT
     grouped_swiglu.SCATTER_MODE = "combine" if backend == "triton_combine" else _SCATTER_DEFAULT
+    grouped_swiglu.WS_MODE = "0" if backend == "triton_nows" else _WS_DEFAULT
     return routed_experts(*args, backend="triton" if backend in TRITON_VARIANTS else backend)
 
 
@@ -260,7 +263,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="triton,grouped_mm,torch",
-                    help="of triton, triton_ptr (without TMA), triton_combine (reproducible sums), grouped_mm, torch")
+                    help="of triton, triton_ptr (without TMA), triton_combine (reproducible sums), triton_nows (no warp-specialized down projection), grouped_mm, torch")
     ap.add_argument("--skews", default="uniform,zipf", help=f"routings, of {', '.join(ROUTINGS)}")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)

@@ -16,6 +16,7 @@ from typing import Optional
 KERNEL_ENV_CHOICES: dict[str, tuple[str, ...]] = {
     "MOE_TRITON_SCATTER": ("bf16", "fp32", "combine"),
     "MOE_TRITON_TMA": ("auto", "0", "1"),
+    "MOE_TRITON_WS": ("auto", "0", "1"),
 }
 
 

@@ -8,7 +8,9 @@ two [S, F] pre-activations.
 
 On Hopper, layers big enough to pay for it read their weight tiles and contiguous row tiles through
 TMA tensor descriptors (`_tiles.TMA_MODE`): built on the device by the persistent row-tile kernels,
-on the host for the weight-gradient kernels, which run one program per tile.
+on the host for the weight-gradient kernels, which run one program per tile. On Hopper, layers with
+many rows per expert take a warp-specialized down projection instead (`down_ws`, MOE_TRITON_WS):
+rows stored whole into a padded layout, then summed per token in a separate pass.
 
 Shapes: x [X, D]; weights w_gate/w_up [E, D, F], w_down [E, F, D]; S routed rows sorted by expert.
 Precision: operands in the compute dtype (bf16 on GPU; fp32/fp16 work too), fp32 accumulation. In
@@ -28,6 +30,7 @@ import torch
 import triton
 
 from moe.config import kernel_env
+from moe.kernels import down_ws
 from moe.kernels._tiles import INTERPRET, device_tma, persistent_programs, tma_args, tma_enabled
 from moe.kernels.row_combine import segment_sum, token_segments
 from moe.kernels.swiglu_bwd import dh_bwd, dw_down_bwd, dw_gate_up_bwd, dx_bwd, swiglu_bwd_rows
@@ -37,6 +40,22 @@ from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 # bf16 for bf16 operands; "fp32": atomics into an fp32 buffer; "combine": rows stored, then summed in
 # fp32 by a separate pass, bitwise reproducible. Read at each launch, so a benchmark can compare them.
 SCATTER_MODE = kernel_env("MOE_TRITON_SCATTER")
+# MOE_TRITON_WS: the warp-specialized down projection (`down_ws`) in gather mode. "auto": on Hopper
+# (compute capability 9) in bf16 or fp16, when TMA is on and experts average at least WS_MIN_ROWS
+# rows: there it measured 2-4% off the forward (qwen3_30b_a3b, 2048 rows), its padded output costs
+# little memory, and with fewer rows its separate sum pass cost what it saved (dsv3_16b, 1536 rows).
+# "1": whenever TMA is on (the interpreter tests); "0": never.
+WS_MODE = kernel_env("MOE_TRITON_WS")
+WS_MIN_ROWS = 2048
+
+
+def _use_ws(device: torch.device, dtype: torch.dtype, use_tma: bool, num_rows: int, num_experts: int) -> bool:
+    if WS_MODE == "0" or not use_tma:
+        return False
+    if WS_MODE == "1":
+        return True
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and dtype in (torch.bfloat16, torch.float16) and num_rows >= WS_MIN_ROWS * num_experts)
 
 
 def scatter_mode() -> str:
@@ -120,14 +139,23 @@ class GroupedSwiGLU(torch.autograd.Function):
         h_SF = _empty(S, F, dtype=dt, device=dev)
         g_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
         u_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
+        ws = gather and _use_ws(dev, dt, use_tma, S, E) and device_tma(True, h_SF, w_down_EFD)
         tma = device_tma(use_tma, w_gate_EDF, w_up_EDF, h_SF)
         gate_up_fwd[_row_grid(S, E, F, progs)](
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
-            E, D, F, S, GATHER=gather, SAVE_GU=save, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
+            gate_S if ws and gate_S is not None else dummy, E, D, F, S,
+            GATHER=gather, SAVE_GU=save, GATE_H=ws and gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
         scatter = gather and scatter_mode() != "combine"
         segments = None
-        if scatter:
+        if ws:  # h carries the gate weights already
+            y_PD, pad_S = down_ws.down_padded(h_SF, w_down_EFD, counts_E, e_pow2, prec)
+            perm_S, off_N1 = token_segments(row_idx_S, max(num_out_rows, x.shape[0]))
+            out = segment_sum(y_PD, pad_S[perm_S], off_N1, num_out_rows, dt)
+            del y_PD
+            if not scatter:  # the backward's combine of dx reuses the segments
+                segments = (perm_S, off_N1)
+        elif scatter:
             # Accumulator for the scatter-add (top-k rows meet in one token row).
             out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
         elif gather:
@@ -137,17 +165,18 @@ class GroupedSwiGLU(torch.autograd.Function):
             segments = token_segments(row_idx_S, max(num_out_rows, x.shape[0]))
         else:
             out = out_buf if out_buf is not None else _empty(S, D, dtype=dt, device=dev)
-        tma = device_tma(use_tma, h_SF, w_down_EFD, *(() if scatter else (out,)))
-        down_fwd[_row_grid(S, E, D, progs)](
-            h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if scatter else dummy,
-            counts_E, out, E, D, F, S, out.shape[0],
-            SCATTER=scatter, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
-        )
+        if not ws:
+            tma = device_tma(use_tma, h_SF, w_down_EFD, *(() if scatter else (out,)))
+            down_fwd[_row_grid(S, E, D, progs)](
+                h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if scatter else dummy,
+                counts_E, out, E, D, F, S, out.shape[0],
+                SCATTER=scatter, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
+            )
+            if segments is not None:
+                out = segment_sum(out, *segments, num_out_rows, dt)
+            elif scatter and out.dtype != dt:
+                out = out.to(dt)
         del h_SF
-        if segments is not None:
-            out = segment_sum(out, *segments, num_out_rows, dt)
-        elif scatter and out.dtype != dt:
-            out = out.to(dt)
         if save:
             ctx.save_for_backward(x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF,
                                   *(segments or ()))

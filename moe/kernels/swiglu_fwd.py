@@ -2,8 +2,8 @@
 
 Both are persistent grouped GEMMs over row tiles of all experts in one launch:
 - `gate_up_fwd`: g = x_rows @ w_gate[e], u = x_rows @ w_up[e] in one tile loop (the x tile is loaded once
-  for both), h = silu(g) * u in the epilogue. In gather mode the x rows are read through `row_idx`, so no
-  permuted copy of the activations is made.
+  for both), h = silu(g) * u in the epilogue (times the row's gate weight with GATE_H). In gather mode
+  the x rows are read through `row_idx`, so no permuted copy of the activations is made.
 - `down_fwd`: y = h @ w_down[e], times the gate weight in the epilogue, stored per sorted row (SCATTER
   off: pre-grouped inputs, or gather mode with MOE_TRITON_SCATTER=combine, which sums each token's
   rows afterwards) or atomically added to the token's output row (SCATTER: the scatter-add is fused
@@ -38,9 +38,10 @@ from moe.kernels._tiles import (
 )
 @triton.jit
 def gate_up_fwd(
-    x_ptr, row_idx_ptr, wg_ptr, wu_ptr, counts_ptr, h_ptr, g_ptr, u_ptr,
+    x_ptr, row_idx_ptr, wg_ptr, wu_ptr, counts_ptr, h_ptr, g_ptr, u_ptr, gate_ptr,
     E, D, F, S,
-    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, E_POW2: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, GATE_H: tl.constexpr, E_POW2: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
     ST: tl.constexpr,
 ):
@@ -96,6 +97,8 @@ def gate_up_fwd(
             acc_u = tl.dot(a, bu, acc_u, input_precision=DOT_PREC)
             a_ptrs += BK
         h = acc_g * tl.sigmoid(acc_g) * acc_u
+        if GATE_H:  # for `down_ws`, whose kernel takes no gate; g and u stay unscaled for the backward
+            h = h * tl.load(gate_ptr + offs_m, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         store_rows(h_ptr, h_desc, h, m_start, m_end, pid_n, F, BM, BN, use_desc)
         if SAVE_GU:  # the pre-activations are all the backward needs; h is recomputed from them
             store_rows(g_ptr, g_desc, acc_g, m_start, m_end, pid_n, F, BM, BN, use_desc)

@@ -1,0 +1,112 @@
+"""Warp-specialized down projection for Hopper, with the token sums in a separate pass.
+
+`down_fwd` adds each routed row's gate-weighted result into its token's row with atomics in its
+epilogue, and one program's epilogue never overlaps its next tile's main loop. Triton 3.6 can warp
+specialize a persistent loop on Hopper (`tl.range(..., warp_specialize=True)` with num_warps=4: one
+warpgroup issues the TMA loads, two compute), so the loads of the next tile run under the epilogue
+of this one. The compiler's warp specialization is only right for a loop of TMA loads, dots and
+TMA stores, though (measured on an H200 with triton 3.6, BENCHMARKS.md): with a pointer load in the
+epilogue it returned wrong sums, a masked pointer store stored nothing, an atomic or a branch around
+the store did not compile or was not specialized, and neither was the in-kernel tile lookup of the
+other row-tile kernels. So this kernel is written to that shape:
+- its tiles come from a table built by `_row_blocks` (expert and first row of every BM-row block);
+- it takes no gate: `gate_up_fwd` has scaled h by each row's gate weight (GATE_H), which rounds
+  h * gate to the compute dtype once before the product instead of scaling the fp32 result;
+- every tile is stored whole, through a descriptor, into a padded output where row block b owns
+  rows [b * BM, (b + 1) * BM): the rows of a partial block past its expert's end land in padding
+  that nothing reads, instead of in the next expert's rows;
+- each token's k rows are then summed by `row_combine.segment_sum` (fp32, fixed order), reading
+  every sorted row at its padded position, so the forward's sums are bitwise reproducible.
+On an H200, qwen3-sized layer: this kernel 1.24 ms against 1.67 ms for `down_fwd` with atomics, but
+the sum pass costs 0.28 ms and the segment sort 0.04 ms, so the forward gains ~0.1 ms (2-4%); on
+dsv3_16b (1536 rows per expert) the two came out even, hence `grouped_swiglu.WS_MIN_ROWS`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe.kernels._tiles import INTERPRET, expert_blocks, persistent_programs
+
+# Row block of the table and the padded layout; fixed, since the table is built before the launch
+# whose autotuner picks the other sizes. 128 rows feed the two consumer warpgroups 64 rows each.
+BM = 16 if INTERPRET else 128
+_CH = 32  # row blocks per program of `_row_blocks`
+
+
+def _configs() -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config({"BN": 16, "BK": 16}, num_warps=4, num_stages=1)]
+    # num_warps=4 is the warpgroup count the compiler specializes from: it runs 12 warps (one
+    # producer, two consumer warpgroups). BN=256 with 4 stages exceeds shared memory.
+    return [triton.Config({"BN": bn, "BK": 64}, num_warps=4, num_stages=st)
+            for bn, st in ((256, 3), (128, 4), (256, 2))]
+
+
+@triton.jit
+def _row_blocks(counts_ptr, table_ptr, pad_ptr, E, max_blocks, E_POW2: tl.constexpr, BM: tl.constexpr,
+                CH: tl.constexpr):
+    """table[0] = number of row blocks; table[1 + 2b], table[2 + 2b] = expert and first sorted row of
+    block b (experts in order, BM rows a block, an expert's last block partial); pad[r] = the padded
+    row of sorted row r, b * BM + (r - first row of b). Each program does CH blocks and their rows."""
+    e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
+    if tl.program_id(0) == 0:
+        tl.store(table_ptr, tl.sum(nblk, 0))
+    b = tl.program_id(0) * CH + tl.arange(0, CH)
+    e_b = tl.sum((blk_end[None, :] <= b[:, None]).to(tl.int32), 1)  # E for blocks past the last
+    sel = e_idx[None, :] == e_b[:, None]
+    end = tl.sum(tl.where(sel, row_end[None, :], 0), 1)
+    blk_start = tl.sum(tl.where(sel, blk_end[None, :] - nblk[None, :], 0), 1)
+    first = end - tl.sum(tl.where(sel, cnt[None, :], 0), 1) + (b - blk_start) * BM
+    b_ok = b < max_blocks
+    tl.store(table_ptr + 1 + 2 * b, e_b, mask=b_ok)
+    tl.store(table_ptr + 2 + 2 * b, first, mask=b_ok)
+    i = tl.arange(0, BM)
+    rows = first[:, None] + i[None, :]
+    tl.store(pad_ptr + rows, b[:, None] * BM + i[None, :], mask=(b_ok & (e_b < E))[:, None] & (rows < end[:, None]))
+
+
+@triton.autotune(configs=_configs(), key=["D", "F"])
+@triton.jit
+def down_fwd_ws(
+    h_ptr, wd_ptr, table_ptr, out_ptr, E, D, F, S, pad_rows,
+    DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """out[padded rows of block b] = h[block b's rows] @ w_down[its expert], for every block of the table."""
+    h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BK])
+    wd_desc = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BK, BN])
+    out_desc = tl.make_tensor_descriptor(out_ptr, [pad_rows, D], [D, 1], [BM, BN])
+    num_n = tl.cdiv(D, BN)
+    num_tiles = tl.load(table_ptr) * num_n
+    # Column blocks fastest: the programs running at once cover a few row blocks of one expert, so
+    # its weight panel is read from L2 by all but the first.
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), warp_specialize=True):
+        blk = tile // num_n
+        pid_n = tile % num_n
+        e = tl.load(table_ptr + 1 + 2 * blk)
+        m_start = tl.load(table_ptr + 2 + 2 * blk)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(F, BK)):
+            a = h_desc.load([m_start, k * BK])
+            b = wd_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        out_desc.store([blk * BM, pid_n * BN], acc.to(out_ptr.dtype.element_ty))
+
+
+def down_padded(h_SF: torch.Tensor, w_down_EFD: torch.Tensor, counts_E: torch.Tensor, e_pow2: int,
+                dot_prec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_PD, pad_S): the down projection of the sorted rows into the padded layout, and the padded row
+    of each sorted row. Needs tensor descriptors on both operands (`_tiles.device_tma`)."""
+    S, F = h_SF.shape
+    E, _, D = w_down_EFD.shape
+    max_blocks = triton.cdiv(S, BM) + E  # each expert wastes at most one partial block
+    table = torch.empty(1 + 2 * max_blocks, dtype=torch.int32, device=h_SF.device)
+    pad_S = torch.empty(S, dtype=torch.int32, device=h_SF.device)
+    _row_blocks[(triton.cdiv(max_blocks, _CH),)](counts_E, table, pad_S, E, max_blocks, E_POW2=e_pow2, BM=BM, CH=_CH)
+    y_PD = torch.empty(max_blocks * BM, D, dtype=h_SF.dtype, device=h_SF.device)
+    progs = persistent_programs(h_SF.device)
+    down_fwd_ws[lambda m: (max(1, min(progs, max_blocks * triton.cdiv(D, m["BN"]))),)](
+        h_SF, w_down_EFD, table, y_PD, E, D, F, S, y_PD.shape[0], DOT_PREC=dot_prec, BM=BM,
+    )
+    return y_PD, pad_S
