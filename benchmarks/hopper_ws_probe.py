@@ -9,9 +9,11 @@ leaves alone, which fail to compile, and which come out wrong:
     python benchmarks/hopper_ws_probe.py             # on a Hopper GPU: correctness and time
 
 On the GPU each variant runs with and without warp specialization on the same inputs (a
-qwen3_30b_a3b-sized down projection, 2048 rows per expert so every row block is whole) and prints the
-relative difference of the two outputs and both times; a dense persistent matmul and cuBLAS give the
-reference. Findings with triton 3.6 on an H200 are in BENCHMARKS.md.
+qwen3_30b_a3b-sized down projection; 2048 rows per expert, so every row block is whole, then 2000,
+so every expert ends in a partial block) and prints each output's error against torch and both
+times; cuBLAS gives the reference. `gate_up_probe` does the same for the gate/up projection on rows
+already grouped by expert (the expert-parallel path's layout). Findings with triton 3.6 on an H200
+are in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import triton.language as tl
 #           search over the experts that the committed row-tile kernels use (`_tiles.locate_tile`)
 #   gate:   "none", "ptr" a pointer load of the row gates in the epilogue
 #   store:  "tma" a descriptor store, "ptr" a masked pointer store, "atomic" an atomic add,
-#           "branch" a descriptor store for whole tiles and a pointer store otherwise
+#           "branch" a descriptor store for whole tiles and a pointer store otherwise, "tile_desc" a
+#           descriptor made per tile whose rows end at the expert's end (the hardware clips the rest)
 VARIANTS = {
     "tma_store": ("arith", "none", "tma"),
     "table": ("table", "none", "tma"),
@@ -36,6 +39,7 @@ VARIANTS = {
     "ptr_store": ("table", "none", "ptr"),
     "atomic": ("table", "none", "atomic"),
     "branch": ("table", "none", "branch"),
+    "tile_desc": ("table", "none", "tile_desc"),
 }
 
 
@@ -84,6 +88,9 @@ def probe_kernel(h_ptr, wd_ptr, gate_ptr, table_ptr, counts_ptr, out_ptr, E, D, 
             out_desc.store([m_start, pid_n * BN], acc.to(tl.bfloat16))
         elif STORE == "ptr":
             tl.store(ptrs, acc.to(tl.bfloat16), mask=mask)
+        elif STORE == "tile_desc":
+            clip_desc = tl.make_tensor_descriptor(out_ptr, [m_end, D], [D, 1], [BM, BN])
+            clip_desc.store([m_start, pid_n * BN], acc.to(tl.bfloat16))
         elif STORE == "atomic":
             tl.atomic_add(ptrs, acc.to(tl.bfloat16), mask=mask, sem="relaxed")
         else:
@@ -113,6 +120,17 @@ def compile_report() -> None:
             print(f"{variant:10s} {how}, {k.metadata.num_warps} warps", flush=True)
         except Exception as exc:  # the pass failing is the finding
             print(f"{variant:10s} compile FAILED: {str(exc).splitlines()[-1][:100]}", flush=True)
+    sig = {n: "*bf16" for n in ("x_ptr", "wg_ptr", "wu_ptr", "h_ptr", "g_ptr", "u_ptr")}
+    sig |= {"table_ptr": "*i32", "E": "i32", "D": "i32", "F": "i32", "S": "i32", "num_blocks": "i32"}
+    sig = {n: sig.get(n, "constexpr") for n in gate_up_probe.arg_names}
+    for bn in (128, 64):
+        src = triton.compiler.ASTSource(fn=gate_up_probe, signature=sig, constexprs=dict(BM=128, BN=bn, BK=64, WS=True))
+        try:
+            k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+            how = "specialized" if "ttg.warp_specialize" in k.asm["ttgir"] else "NOT specialized (silently)"
+            print(f"gate_up BN={bn}: {how}, {k.metadata.num_warps} warps, shared {k.metadata.shared}", flush=True)
+        except Exception as exc:
+            print(f"gate_up BN={bn}: compile FAILED: {str(exc).splitlines()[-1][:100]}", flush=True)
 
 
 def _time_ms(fn, iters: int = 20) -> float:
@@ -130,45 +148,101 @@ def _time_ms(fn, iters: int = 20) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in times)
 
 
-def gpu_report(E: int = 128, F: int = 768, D: int = 2048, rows: int = 2048) -> None:
+@triton.jit
+def gate_up_probe(x_ptr, wg_ptr, wu_ptr, table_ptr, h_ptr, g_ptr, u_ptr, E, D, F, S, num_blocks,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr):
+    """`gate_up_fwd` on rows already grouped by expert: x tile and both weight tiles through TMA, two
+    dots a step, SwiGLU, and h, g, u stored through per-tile descriptors clipped at the expert's end."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, [S, D], [D, 1], [BM, BK])
+    wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
+    wu_desc = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
+    num_n = tl.cdiv(F, BN)
+    for tile in tl.range(tl.program_id(0), num_blocks * num_n, tl.num_programs(0), warp_specialize=WS):
+        blk = tile // num_n
+        pid_n = tile % num_n
+        e = tl.load(table_ptr + 3 * blk)
+        m_start = tl.load(table_ptr + 3 * blk + 1)
+        m_end = tl.load(table_ptr + 3 * blk + 2)
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, tl.cdiv(D, BK)):
+            a = x_desc.load([m_start, k * BK])
+            acc_g = tl.dot(a, wg_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN), acc_g)
+            acc_u = tl.dot(a, wu_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN), acc_u)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.make_tensor_descriptor(h_ptr, [m_end, F], [F, 1], [BM, BN]).store([m_start, pid_n * BN], h.to(tl.bfloat16))
+        tl.make_tensor_descriptor(g_ptr, [m_end, F], [F, 1], [BM, BN]).store([m_start, pid_n * BN], acc_g.to(tl.bfloat16))
+        tl.make_tensor_descriptor(u_ptr, [m_end, F], [F, 1], [BM, BN]).store([m_start, pid_n * BN], acc_u.to(tl.bfloat16))
+
+
+def _routing(E: int, rows: int, dev: torch.device, BM: int = 128):
+    S = E * rows
+    table = torch.tensor([(e, e * rows + m, (e + 1) * rows) for e in range(E) for m in range(0, rows, BM)],
+                         dtype=torch.int32, device=dev).reshape(-1)
+    return S, table, table.numel() // 3, torch.full((E,), rows, dtype=torch.int32, device=dev)
+
+
+def _pair(run_plain, run_ws, want: list[torch.Tensor], outs_of) -> str:
+    """Run both, compare each output with `want`, time both."""
+    res = []
+    for name, run in (("plain", run_plain), ("warp-specialized", run_ws)):
+        try:
+            run()
+            torch.cuda.synchronize()
+            got = outs_of()
+            err = max(((g.float() - w).norm() / w.norm()).item() for g, w in zip(got, want))
+            nan = sum(g.isnan().sum().item() for g in got)
+            res.append(f"{name} {_time_ms(run):.3f} ms (err {err:.1e}, {nan} unwritten)")
+        except Exception as exc:
+            res.append(f"{name} failed: {str(exc).splitlines()[-1][:80]}")
+    return ", ".join(res)
+
+
+def gpu_report(E: int = 128, F: int = 768, D: int = 2048) -> None:
     dev = torch.device("cuda")
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=dev))
     nsm = torch.cuda.get_device_properties(dev).multi_processor_count
-    S, BM = E * rows, 128
     gen = torch.Generator(device=dev).manual_seed(0)
-    h = torch.randn(S, F, device=dev, generator=gen).to(torch.bfloat16)
     wd = (torch.randn(E, F, D, device=dev, generator=gen) / F**0.5).to(torch.bfloat16)
-    gate = torch.rand(S, device=dev, generator=gen)
-    counts = torch.full((E,), rows, dtype=torch.int32, device=dev)
-    table = torch.tensor([(e, e * rows + m, (e + 1) * rows) for e in range(E) for m in range(0, rows, BM)],
-                         dtype=torch.int32, device=dev).reshape(-1)
-    num_blocks = S // BM
-    flops = 2 * S * F * D
-    ref = torch.bmm(h.view(E, rows, F).float(), wd.float()).view(S, D)
-    t = _time_ms(lambda: torch.mm(h, wd[0]))
-    print(f"cuBLAS dense [{S}x{F}] @ [{F}x{D}]: {t:.3f} ms, {flops / t / 1e9:.0f} TFLOP/s", flush=True)
-    for variant in VARIANTS:
-        outs, times = {}, {}
-        for ws in (False, True):
-            out = torch.full((S, D), float("nan"), device=dev, dtype=torch.bfloat16)
-            grid = (min(nsm, num_blocks * triton.cdiv(D, 256)),)
+    wg = (torch.randn(E, D, F, device=dev, generator=gen) / D**0.5).to(torch.bfloat16)
+    wu = (torch.randn(E, D, F, device=dev, generator=gen) / D**0.5).to(torch.bfloat16)
+    # 2048 rows per expert: whole 128-row blocks; 2000: every expert ends in a partial block.
+    for rows in (2048, 2000):
+        S, table, num_blocks, counts = _routing(E, rows, dev)
+        h = torch.randn(S, F, device=dev, generator=gen).to(torch.bfloat16)
+        gate = torch.rand(S, device=dev, generator=gen)
+        ref = torch.bmm(h.view(E, rows, F).float(), wd.float()).view(S, D)
+        if rows == 2048:
+            t = _time_ms(lambda: torch.mm(h, wd[0]))
+            print(f"cuBLAS dense [{S}x{F}] @ [{F}x{D}]: {t:.3f} ms, {2 * S * F * D / t / 1e9:.0f} TFLOP/s")
+        out = torch.empty(S, D, device=dev, dtype=torch.bfloat16)
+        grid = (min(nsm, num_blocks * triton.cdiv(D, 256)),)
+        for variant, (lookup, g, store) in VARIANTS.items():
+            if rows % 128 and (lookup == "arith" or store == "tma"):
+                continue  # need whole blocks: a partial block's store would reach into the next expert
 
-            def run(out=out, ws=ws):
+            def run(ws: bool, variant=variant) -> None:
+                out.fill_(float("nan"))
                 probe_kernel[grid](h, wd, gate, table, counts, out, E, D, F, S, num_blocks,
                                    num_warps=4 if ws else 8, num_stages=3, **_consts(variant, ws))
-            try:
-                run()
-                torch.cuda.synchronize()
-                outs[ws], times[ws] = out.float(), _time_ms(run)
-            except Exception as exc:
-                outs[ws], times[ws] = None, str(exc).splitlines()[-1][:80]
-        if outs[False] is None or outs[True] is None:
-            print(f"{variant:10s} failed: {times}", flush=True)
-            continue
-        want = ref * gate[:, None] if VARIANTS[variant][1] == "ptr" else ref
-        err = {ws: ((o - want).norm() / want.norm()).item() for ws, o in outs.items()}
-        print(f"{variant:10s} plain {times[False]:.3f} ms (err {err[False]:.1e}), warp-specialized "
-              f"{times[True]:.3f} ms (err {err[True]:.1e}, {outs[True].isnan().sum().item()} unwritten)", flush=True)
+            want = ref * gate[:, None] if g == "ptr" else ref
+            print(f"down {rows} rows/expert {variant:10s} "
+                  + _pair(lambda: run(False), lambda: run(True), [want], lambda: [out]), flush=True)
+        x = torch.randn(S, D, device=dev, generator=gen).to(torch.bfloat16)
+        gr = torch.bmm(x.view(E, rows, D).float(), wg.float()).view(S, F)
+        ur = torch.bmm(x.view(E, rows, D).float(), wu.float()).view(S, F)
+        hgu = [torch.empty(S, F, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+
+        def run_gu(ws: bool, bn: int) -> None:
+            for t in hgu:
+                t.fill_(float("nan"))
+            gate_up_probe[(min(nsm, num_blocks * triton.cdiv(F, bn)),)](
+                x, wg, wu, table, *hgu, E, D, F, S, num_blocks, BM=128, BN=bn, BK=64, WS=ws,
+                num_warps=4 if ws else 8, num_stages=3)
+        for bn in (128, 64):
+            print(f"gate_up {rows} rows/expert BN={bn} "
+                  + _pair(lambda: run_gu(False, bn), lambda: run_gu(True, bn),
+                          [torch.nn.functional.silu(gr) * ur, gr, ur], lambda: hgu), flush=True)
 
 
 if __name__ == "__main__":
