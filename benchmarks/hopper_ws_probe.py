@@ -184,11 +184,12 @@ def _routing(E: int, rows: int, dev: torch.device, BM: int = 128):
     return S, table, table.numel() // 3, torch.full((E,), rows, dtype=torch.int32, device=dev)
 
 
-def _pair(run_plain, run_ws, want: list[torch.Tensor], outs_of) -> str:
-    """Run both, compare each output with `want`, time both."""
+def _pair(poison, run_plain, run_ws, want: list[torch.Tensor], outs_of) -> str:
+    """For each way: poison the outputs, run once and compare with `want`, then time the run alone."""
     res = []
     for name, run in (("plain", run_plain), ("warp-specialized", run_ws)):
         try:
+            poison()
             run()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -225,26 +226,26 @@ def gpu_report(E: int = 128, F: int = 768, D: int = 2048, rows_list: tuple[int, 
                 continue  # need whole blocks: a partial block's store would reach into the next expert
 
             def run(ws: bool, variant=variant) -> None:
-                out.fill_(float("nan"))
                 probe_kernel[grid](h, wd, gate, table, counts, out, E, D, F, S, num_blocks,
                                    num_warps=4 if ws else 8, num_stages=3, **_consts(variant, ws))
             want = ref * gate[:, None] if g == "ptr" else ref
+            # NaN shows an element never written; atomics add into zeros.
+            fill = 0.0 if store == "atomic" else float("nan")
             print(f"down {rows} rows/expert {variant:10s} "
-                  + _pair(lambda: run(False), lambda: run(True), [want], lambda: [out]), flush=True)
+                  + _pair(lambda: out.fill_(fill), lambda: run(False), lambda: run(True), [want], lambda: [out]),
+                  flush=True)
         x = torch.randn(S, D, device=dev, generator=gen).to(torch.bfloat16)
         gr = torch.bmm(x.view(E, rows, D).float(), wg.float()).view(S, F)
         ur = torch.bmm(x.view(E, rows, D).float(), wu.float()).view(S, F)
         hgu = [torch.empty(S, F, device=dev, dtype=torch.bfloat16) for _ in range(3)]
 
         def run_gu(ws: bool, bn: int) -> None:
-            for t in hgu:
-                t.fill_(float("nan"))
             gate_up_probe[(min(nsm, num_blocks * triton.cdiv(F, bn)),)](
                 x, wg, wu, table, *hgu, E, D, F, S, num_blocks, BM=128, BN=bn, BK=64, WS=ws,
                 num_warps=4 if ws else 8, num_stages=3)
         for bn in (128, 64):
             print(f"gate_up {rows} rows/expert BN={bn} "
-                  + _pair(lambda: run_gu(False, bn), lambda: run_gu(True, bn),
+                  + _pair(lambda: [t.fill_(float("nan")) for t in hgu], lambda: run_gu(False, bn), lambda: run_gu(True, bn),
                           [torch.nn.functional.silu(gr) * ur, gr, ur], lambda: hgu), flush=True)
 
 
