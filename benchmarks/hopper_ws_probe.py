@@ -18,11 +18,11 @@ are in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import triton
 import triton.language as tl
+from bench_experts import time_ms  # the script's folder is on sys.path
 
 # variant name -> (tile lookup, gate, epilogue)
 #   lookup: "arith" tile index arithmetic, "table" scalar loads from a tile table, "locate" the vector
@@ -133,21 +133,10 @@ def compile_report() -> None:
             print(f"gate_up BN={bn}: compile FAILED: {str(exc).splitlines()[-1][:100]}", flush=True)
 
 
-def _time_ms(fn, iters: int = 20) -> float:
+def _time_ms(fn) -> float:
     if not torch.cuda.is_available():  # an interpreter dry run (TRITON_INTERPRET=1) checks the code only
         return float("nan")
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        times.append((a, b))
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in times)
+    return time_ms(fn, 20, 3)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ other row-tile kernels. So this kernel is written to that shape:
 - each token's k rows are then summed by `row_combine.segment_sum` (fp32, fixed order), reading
   every sorted row at its padded position, so the forward's sums are bitwise reproducible.
 On an H200, qwen3-sized layer: this kernel 1.24 ms against 1.67 ms for `down_fwd` with atomics, but
-the sum pass costs 0.28 ms and the segment sort 0.04 ms, so the forward gains ~0.1 ms (2-4%); on
+the sum pass costs 0.28 ms and the segment sort 0.04 ms, so the forward gains ~0.15 ms (3-4%); on
 dsv3_16b (1536 rows per expert) the two came out even, hence `grouped_swiglu.WS_MIN_ROWS`.
 """
 from __future__ import annotations
