@@ -325,6 +325,18 @@ def test_bad_tma_mode_is_refused():
     assert "MOE_TRITON_TMA='yes' is not one of ('auto', '0', '1'); unset it for 'auto'" in r.stderr
 
 
+def test_bad_ws_mode_is_refused():
+    """A mistyped MOE_TRITON_WS fails at import, naming the value and the allowed ones."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MOE_TRITON_WS": "on"}
+    r = subprocess.run([sys.executable, "-c", "import moe.kernels.grouped_swiglu"], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode != 0
+    assert "MOE_TRITON_WS='on' is not one of ('auto', '0', '1'); unset it for 'auto'" in r.stderr
+
+
 def test_descriptor_store_configs_only_where_stores_can_use_them(monkeypatch):
     """ST=1 configs are timed only where the launch stores through descriptors, and pay their store tile."""
     import triton
