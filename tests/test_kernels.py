@@ -173,46 +173,48 @@ WS_CASES = [("multi_tile", 3, 48, 40, [33, 16, 17], 40), ("ws_idle", 6, 32, 24, 
 
 @pytest.mark.parametrize("scatter", ["bf16", "combine"])
 @pytest.mark.parametrize("with_gate", [True, False], ids=["gate", "nogate"])
+@pytest.mark.parametrize("mode", ["gather", "grouped"])
 @pytest.mark.parametrize("case", WS_CASES, ids=[c[0] for c in WS_CASES])
-def test_warp_specialized_down(case, with_gate, scatter, monkeypatch):
-    """MOE_TRITON_WS=1: the down projection through `down_ws` (tile table, padded rows, per-token sums)
-    against the torch backend, including idle experts, one-row experts and partial row blocks."""
+def test_warp_specialized_down(case, mode, with_gate, scatter, monkeypatch):
+    """MOE_TRITON_WS=1: the down projection through `down_ws` (tile table, stores clipped at each
+    expert's end; gather mode then sums per token) against the torch backend, including idle experts,
+    one-row experts, partial row blocks and, pre-grouped, padding rows that must read zero."""
     if _ON_GPU and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized down projection is for Hopper")
+    if mode == "grouped" and scatter == "combine":
+        pytest.skip("pre-grouped rows are never summed")
     import moe.kernels.down_ws as dws
 
     monkeypatch.setattr(tiles, "TMA_MODE", "1")
     monkeypatch.setattr(gs, "WS_MODE", "1")
     monkeypatch.setattr(gs, "SCATTER_MODE", scatter)
     calls = []
-    real = dws.down_padded
-    monkeypatch.setattr(dws, "down_padded", lambda *a: calls.append(1) or real(*a))
-    _check_against_torch(case, "gather", with_gate, DTYPES[0])
+    real = dws.down_rows
+    monkeypatch.setattr(dws, "down_rows", lambda *a: calls.append(1) or real(*a))
+    _check_against_torch(case, mode, with_gate, DTYPES[0])
     assert calls == [1]
 
 
 def test_row_blocks_table():
-    """The tile table and padded row map of `down_ws`, against a plain loop over the experts."""
+    """The tile table of `down_ws` against a plain loop over the experts, and the zeroed tail rows."""
     import moe.kernels.down_ws as dws
 
     counts = [0, 3 * dws.BM, 1, 0, 45 * dws.BM + 3, 2 * dws.BM - 1]  # more blocks than one program takes
-    S = sum(counts)
+    S, D = sum(counts), 8
     max_blocks = -(-S // dws.BM) + len(counts)
-    table = torch.full((1 + 2 * max_blocks,), -1, dtype=torch.int32, device=DEVICE)
-    pad = torch.full((S,), -1, dtype=torch.int32, device=DEVICE)
+    table = torch.full((1 + 3 * max_blocks,), -1, dtype=torch.int32, device=DEVICE)
+    out = torch.full((S + 5, D), float("nan"), device=DEVICE)
     dws._row_blocks[(-(-max_blocks // dws._CH),)](
-        torch.tensor(counts, dtype=torch.int32, device=DEVICE), table, pad, len(counts), max_blocks,
+        torch.tensor(counts, dtype=torch.int32, device=DEVICE), table, out, len(counts), max_blocks, S + 5, D,
         E_POW2=256, BM=dws.BM, CH=dws._CH)
-    want_blocks, want_pad, row = [], [], 0
+    want, row = [], 0
     for e, c in enumerate(counts):
-        for m in range(0, c, dws.BM):
-            want_blocks.append((e, row + m))
-        want_pad += [len(want_blocks) * dws.BM - (-(-c // dws.BM)) * dws.BM + i for i in range(c)]
+        want += [[e, row + m, row + c] for m in range(0, c, dws.BM)]
         row += c
     n = table[0].item()
-    assert n == len(want_blocks)
-    assert table[1:1 + 2 * n].view(n, 2).tolist() == [list(b) for b in want_blocks]
-    assert pad.tolist() == want_pad
+    assert n == len(want)
+    assert table[1:1 + 3 * n].view(n, 3).tolist() == want
+    assert torch.count_nonzero(out[S:]) == 0 and out[:S].isnan().all()
 
 
 def _check_against_torch(case, mode: str, with_gate: bool, dtype) -> None:

@@ -27,10 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from moe.kernels._tiles import INTERPRET, expert_blocks, persistent_programs
+from moe.kernels._tiles import INTERPRET, expert_blocks, persistent_programs, zero_tail_rows
 
-# Row block of the table and the padded layout; fixed, since the table is built before the launch
-# whose autotuner picks the other sizes. 128 rows feed the two consumer warpgroups 64 rows each.
+# Row block of the tile table; fixed, since the table is built before the launch whose autotuner picks
+# the other sizes. 128 rows feed the two consumer warpgroups 64 rows each.
 BM = 16 if INTERPRET else 128
 _CH = 32  # row blocks per program of `_row_blocks`
 
@@ -45,38 +45,37 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
-def _row_blocks(counts_ptr, table_ptr, pad_ptr, E, max_blocks, E_POW2: tl.constexpr, BM: tl.constexpr,
-                CH: tl.constexpr):
-    """table[0] = number of row blocks; table[1 + 2b], table[2 + 2b] = expert and first sorted row of
-    block b (experts in order, BM rows a block, an expert's last block partial); pad[r] = the padded
-    row of sorted row r, b * BM + (r - first row of b). Each program does CH blocks and their rows."""
+def _row_blocks(counts_ptr, table_ptr, out_ptr, E, max_blocks, out_rows, D, E_POW2: tl.constexpr,
+                BM: tl.constexpr, CH: tl.constexpr):
+    """table[0] = number of row blocks; table[1 + 3b : 4 + 3b] = expert, first and end row of block b
+    (experts in order, BM rows a block, an expert's last block partial). The output rows past the
+    counted ones (padding of pre-grouped inputs) are zeroed here, where `down_fwd` does it after its
+    tile loop: the specialized kernel must not hold pointer stores."""
     e_idx, cnt, nblk, blk_end, row_end = expert_blocks(counts_ptr, E, E_POW2, BM)
     if tl.program_id(0) == 0:
         tl.store(table_ptr, tl.sum(nblk, 0))
     b = tl.program_id(0) * CH + tl.arange(0, CH)
-    e_b = tl.sum((blk_end[None, :] <= b[:, None]).to(tl.int32), 1)  # E for blocks past the last
+    e_b = tl.sum((blk_end[None, :] <= b[:, None]).to(tl.int32), 1)
     sel = e_idx[None, :] == e_b[:, None]
     end = tl.sum(tl.where(sel, row_end[None, :], 0), 1)
     blk_start = tl.sum(tl.where(sel, blk_end[None, :] - nblk[None, :], 0), 1)
     first = end - tl.sum(tl.where(sel, cnt[None, :], 0), 1) + (b - blk_start) * BM
     b_ok = b < max_blocks
-    tl.store(table_ptr + 1 + 2 * b, e_b, mask=b_ok)
-    tl.store(table_ptr + 2 + 2 * b, first, mask=b_ok)
-    i = tl.arange(0, BM)
-    rows = first[:, None] + i[None, :]
-    tl.store(pad_ptr + rows, b[:, None] * BM + i[None, :], mask=(b_ok & (e_b < E))[:, None] & (rows < end[:, None]))
+    tl.store(table_ptr + 1 + 3 * b, e_b, mask=b_ok)
+    tl.store(table_ptr + 2 + 3 * b, first, mask=b_ok)
+    tl.store(table_ptr + 3 + 3 * b, end, mask=b_ok)
+    zero_tail_rows(out_ptr, tl.sum(cnt, 0), out_rows, D, tl.program_id(0), tl.num_programs(0), BM, 64)
 
 
 @triton.autotune(configs=_configs(), key=["D", "F"])
 @triton.jit
 def down_fwd_ws(
-    h_ptr, wd_ptr, table_ptr, out_ptr, E, D, F, S, pad_rows,
+    h_ptr, wd_ptr, table_ptr, out_ptr, E, D, F, S,
     DOT_PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """out[padded rows of block b] = h[block b's rows] @ w_down[its expert], for every block of the table."""
+    """out[rows of block b] = h[rows of block b] @ w_down[its expert], for every block of the table."""
     h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BK])
     wd_desc = tl.make_tensor_descriptor(wd_ptr, [E, F, D], [F * D, D, 1], [1, BK, BN])
-    out_desc = tl.make_tensor_descriptor(out_ptr, [pad_rows, D], [D, 1], [BM, BN])
     num_n = tl.cdiv(D, BN)
     num_tiles = tl.load(table_ptr) * num_n
     # Column blocks fastest: the programs running at once cover a few row blocks of one expert, so
@@ -84,29 +83,32 @@ def down_fwd_ws(
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), warp_specialize=True):
         blk = tile // num_n
         pid_n = tile % num_n
-        e = tl.load(table_ptr + 1 + 2 * blk)
-        m_start = tl.load(table_ptr + 2 + 2 * blk)
+        e = tl.load(table_ptr + 1 + 3 * blk)
+        m_start = tl.load(table_ptr + 2 + 3 * blk)
+        m_end = tl.load(table_ptr + 3 + 3 * blk)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(F, BK)):
             a = h_desc.load([m_start, k * BK])
             b = wd_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        out_desc.store([blk * BM, pid_n * BN], acc.to(out_ptr.dtype.element_ty))
+        # A descriptor whose rows end at the expert's end: the hardware drops a partial block's
+        # extra rows, which belong to the next expert.
+        clip = tl.make_tensor_descriptor(out_ptr, [m_end, D], [D, 1], [BM, BN])
+        clip.store([m_start, pid_n * BN], acc.to(out_ptr.dtype.element_ty))
 
 
-def down_padded(h_SF: torch.Tensor, w_down_EFD: torch.Tensor, counts_E: torch.Tensor, e_pow2: int,
-                dot_prec: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y_PD, pad_S): the down projection of the sorted rows into the padded layout, and the padded row
-    of each sorted row. Needs tensor descriptors on both operands (`_tiles.device_tma`)."""
+def down_rows(h_SF: torch.Tensor, w_down_EFD: torch.Tensor, counts_E: torch.Tensor, out: torch.Tensor, e_pow2: int,
+              dot_prec: str) -> torch.Tensor:
+    """out[r] = h_SF[r] @ w_down[expert of r] for the counted rows r, in their sorted order; rows of
+    `out` past them are zeroed. Needs tensor descriptors on every operand (`_tiles.device_tma`)."""
     S, F = h_SF.shape
     E, _, D = w_down_EFD.shape
     max_blocks = triton.cdiv(S, BM) + E  # each expert wastes at most one partial block
-    table = torch.empty(1 + 2 * max_blocks, dtype=torch.int32, device=h_SF.device)
-    pad_S = torch.empty(S, dtype=torch.int32, device=h_SF.device)
-    _row_blocks[(triton.cdiv(max_blocks, _CH),)](counts_E, table, pad_S, E, max_blocks, E_POW2=e_pow2, BM=BM, CH=_CH)
-    y_PD = torch.empty(max_blocks * BM, D, dtype=h_SF.dtype, device=h_SF.device)
+    table = torch.empty(1 + 3 * max_blocks, dtype=torch.int32, device=h_SF.device)
+    _row_blocks[(triton.cdiv(max_blocks, _CH),)](
+        counts_E, table, out, E, max_blocks, out.shape[0], D, E_POW2=e_pow2, BM=BM, CH=_CH)
     progs = persistent_programs(h_SF.device)
     down_fwd_ws[lambda m: (max(1, min(progs, max_blocks * triton.cdiv(D, m["BN"]))),)](
-        h_SF, w_down_EFD, table, y_PD, E, D, F, S, y_PD.shape[0], DOT_PREC=dot_prec, BM=BM,
+        h_SF, w_down_EFD, table, out, E, D, F, S, DOT_PREC=dot_prec, BM=BM,
     )
-    return y_PD, pad_S
+    return out

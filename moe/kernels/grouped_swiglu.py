@@ -42,7 +42,7 @@ from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 SCATTER_MODE = kernel_env("MOE_TRITON_SCATTER")
 # MOE_TRITON_WS: the warp-specialized down projection (`down_ws`) in gather mode. "auto": on Hopper
 # (compute capability 9) in bf16 or fp16, when TMA is on and experts average at least WS_MIN_ROWS
-# rows: there it measured 3-4% off the forward (qwen3_30b_a3b, 2048 rows), its padded output costs
+# rows: there it measured 2-4% off the forward (qwen3_30b_a3b, 2048 rows), its padded output costs
 # little memory, and with fewer rows its separate sum pass cost what it saved (dsv3_16b, 1536 rows).
 # "1": whenever TMA is on (the interpreter tests); "0": never.
 WS_MODE = kernel_env("MOE_TRITON_WS")
@@ -139,41 +139,43 @@ class GroupedSwiGLU(torch.autograd.Function):
         h_SF = _empty(S, F, dtype=dt, device=dev)
         g_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
         u_SF = _empty(S, F, dtype=dt, device=dev) if save else h_SF
-        ws = gather and _use_ws(dev, dt, use_tma, S, E) and device_tma(True, h_SF, w_down_EFD)
+        # The warp-specialized down projection writes rows, never adds them: pre-grouped inputs get
+        # their rows in `out` directly, gather mode sums each token's rows afterwards.
+        ws = _use_ws(dev, dt, use_tma, S, E) and device_tma(
+            True, h_SF, w_down_EFD, *((out_buf,) if out_buf is not None and not gather else ()))
         tma = device_tma(use_tma, w_gate_EDF, w_up_EDF, h_SF)
         gate_up_fwd[_row_grid(S, E, F, progs)](
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
             gate_S if ws and gate_S is not None else dummy, E, D, F, S,
             GATHER=gather, SAVE_GU=save, GATE_H=ws and gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
         )
-        scatter = gather and scatter_mode() != "combine"
-        # Each token's rows, where they are summed by a separate pass rather than atomics (x may have
-        # fewer rows than the output). One list serves the output and, in backward, the input gradient.
-        segments = (token_segments(row_idx_S, max(num_out_rows, x.shape[0]))
-                    if gather and (ws or not scatter) else None)
-        if ws:  # h carries the gate weights already
-            y_PD, pad_S = down_ws.down_padded(h_SF, w_down_EFD, counts_E, e_pow2, prec)
-            out = segment_sum(y_PD, pad_S[segments[0]], segments[1], num_out_rows, dt)
-            del y_PD
+        scatter = gather and not ws and scatter_mode() != "combine"
+        segments = None
+        if scatter:
+            # Accumulator for the scatter-add (top-k rows meet in one token row).
+            out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
+        elif gather:
+            # Rows in sorted order; each token's rows are summed below. One segment list serves the
+            # output and, in backward, the input gradient (x may have fewer rows than the output).
+            out = _empty(S, D, dtype=dt, device=dev)
+            segments = token_segments(row_idx_S, max(num_out_rows, x.shape[0]))
         else:
-            if scatter:  # accumulator for the scatter-add (top-k rows meet in one token row)
-                out = torch.zeros(num_out_rows, D, dtype=_scatter_dtype(dt), device=dev)
-            elif gather:  # rows in sorted order, summed below
-                out = _empty(S, D, dtype=dt, device=dev)
-            else:
-                out = out_buf if out_buf is not None else _empty(S, D, dtype=dt, device=dev)
+            out = out_buf if out_buf is not None else _empty(S, D, dtype=dt, device=dev)
+        if ws:  # h carries the gate weights already
+            down_ws.down_rows(h_SF, w_down_EFD, counts_E, out, e_pow2, prec)
+        else:
             tma = device_tma(use_tma, h_SF, w_down_EFD, *(() if scatter else (out,)))
             down_fwd[_row_grid(S, E, D, progs)](
                 h_SF, w_down_EFD, gate_S if gate_S is not None else dummy, row_idx_S if scatter else dummy,
                 counts_E, out, E, D, F, S, out.shape[0],
                 SCATTER=scatter, HAS_GATE=gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
             )
-            if segments is not None:
-                out = segment_sum(out, *segments, num_out_rows, dt)
-            elif scatter and out.dtype != dt:
-                out = out.to(dt)
-        if scatter:  # the backward's dx keeps its atomics too
-            segments = None
+        if segments is not None:
+            out = segment_sum(out, *segments, num_out_rows, dt)
+            if scatter_mode() != "combine":  # the backward's dx keeps its atomics
+                segments = None
+        elif scatter and out.dtype != dt:
+            out = out.to(dt)
         del h_SF
         if save:
             ctx.save_for_backward(x, w_gate_EDF, w_up_EDF, w_down_EFD, counts_E, row_idx_S, gate_S, g_SF, u_SF,
