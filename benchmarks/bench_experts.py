@@ -31,11 +31,13 @@ from moe.model.experts import routed_experts  # noqa: E402
 _TMA_DEFAULT = _tiles.TMA_MODE
 _SCATTER_DEFAULT = grouped_swiglu.SCATTER_MODE
 _WS_DEFAULT = grouped_swiglu.WS_MODE
+_ROWS_DESC_DEFAULT = grouped_swiglu.ROWS_DESC_MIN_ROWS
 # Variants of the Triton kernel, so one run compares them: "triton_ptr" has TMA off (pointer loads only);
 # "triton_combine" sums a token's rows in a separate, reproducible pass instead of the epilogue atomics;
 # "triton_nows" keeps the atomic down projection where MOE_TRITON_WS would pick the warp-specialized one;
-# "triton_ws" takes the warp-specialized one wherever it can run.
-TRITON_VARIANTS = ("triton", "triton_ptr", "triton_combine", "triton_nows", "triton_ws")
+# "triton_ws" takes the warp-specialized one wherever it can run; "triton_ptrrows" keeps pointer loads for
+# the weight-gradient kernels' pre-grouped rows (grouped mode; see grouped_swiglu.ROWS_DESC_MIN_ROWS).
+TRITON_VARIANTS = ("triton", "triton_ptr", "triton_combine", "triton_nows", "triton_ws", "triton_ptrrows")
 MODES = ("gather", "grouped")
 
 
@@ -43,6 +45,7 @@ def run_experts(backend: str, *args):
     """`routed_experts` by backend name, where the Triton variants above select the kernel's options."""
     _tiles.TMA_MODE = "0" if backend == "triton_ptr" else _TMA_DEFAULT
     grouped_swiglu.SCATTER_MODE = "combine" if backend == "triton_combine" else _SCATTER_DEFAULT
+    grouped_swiglu.ROWS_DESC_MIN_ROWS = 2**62 if backend == "triton_ptrrows" else _ROWS_DESC_DEFAULT
     grouped_swiglu.WS_MODE = {"triton_nows": "0", "triton_ws": "1"}.get(backend, _WS_DEFAULT)
     return routed_experts(*args, backend="triton" if backend in TRITON_VARIANTS else backend)
 
@@ -294,7 +297,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--backends", default="triton,grouped_mm,torch",
-                    help="of triton, triton_ptr (without TMA), triton_combine (reproducible sums), triton_nows / triton_ws (without / with the warp-specialized down projection), grouped_mm, torch")
+                    help="of triton, triton_ptr (without TMA), triton_combine (reproducible sums), triton_nows / triton_ws (without / with the warp-specialized down projection), triton_ptrrows, grouped_mm, torch")
     ap.add_argument("--mode", default="gather", choices=MODES,
                     help="gather: token rows by index, gate-weighted sums (single rank); grouped: rows grouped by expert (expert parallel)")
     ap.add_argument("--skews", default="uniform,zipf", help=f"routings, of {', '.join(ROUTINGS)}")

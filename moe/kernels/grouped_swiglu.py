@@ -10,7 +10,8 @@ On Hopper, layers big enough to pay for it read their weight tiles and contiguou
 TMA tensor descriptors (`_tiles.TMA_MODE`): built on the device by the persistent row-tile kernels,
 on the host for the weight-gradient kernels, which run one program per tile. On Hopper, layers with
 many rows per expert take a warp-specialized down projection instead (`down_ws`, MOE_TRITON_WS):
-rows stored whole into a padded layout, then summed per token in a separate pass.
+rows stored through descriptors clipped at each expert's end, then (gather mode) summed per token in
+a separate pass.
 
 Shapes: x [X, D]; weights w_gate/w_up [E, D, F], w_down [E, F, D]; S routed rows sorted by expert.
 Precision: operands in the compute dtype (bf16 on GPU; fp32/fp16 work too), fp32 accumulation. In
@@ -40,10 +41,11 @@ from moe.kernels.swiglu_fwd import down_fwd, gate_up_fwd
 # bf16 for bf16 operands; "fp32": atomics into an fp32 buffer; "combine": rows stored, then summed in
 # fp32 by a separate pass, bitwise reproducible. Read at each launch, so a benchmark can compare them.
 SCATTER_MODE = kernel_env("MOE_TRITON_SCATTER")
-# MOE_TRITON_WS: the warp-specialized down projection (`down_ws`) in gather mode. "auto": on Hopper
-# (compute capability 9) in bf16 or fp16, when TMA is on and experts average at least WS_MIN_ROWS
-# rows: there it measured 2-4% off the forward (qwen3_30b_a3b, 2048 rows), its padded output costs
-# little memory, and with fewer rows its separate sum pass cost what it saved (dsv3_16b, 1536 rows).
+# MOE_TRITON_WS: the warp-specialized down projection (`down_ws`). "auto": on Hopper (compute
+# capability 9) in bf16 or fp16, when TMA is on and experts average at least WS_MIN_ROWS rows: in
+# gather mode it measured 2-4% off the forward (qwen3_30b_a3b, 2048 rows), and with fewer rows its
+# separate sum pass cost what it saved (dsv3_16b, 1536 rows); on pre-grouped rows (no sum pass) the
+# kernel was 4% faster than `down_fwd`, within the layer's run-to-run noise (BENCHMARKS.md).
 # "1": whenever TMA is on (the interpreter tests); "0": never.
 WS_MODE = kernel_env("MOE_TRITON_WS")
 WS_MIN_ROWS = 2048
@@ -66,6 +68,21 @@ def scatter_mode() -> str:
 
 # Tests set this to fill every buffer a kernel must write with NaN, so an element no program wrote shows.
 POISON_BUFFERS = False
+
+
+# Mean rows per expert from which the weight-gradient kernels read pre-grouped rows through per-expert
+# descriptors built on the device (`_rows_desc`). On an H200 that cut dw_gate_up_bwd by 13% and dw_down_bwd
+# by 9% on qwen3_30b_a3b (2048 rows per expert) and by 4-9% on dsv3_16b (1536), but made them 7% and 5%
+# slower on fine_grained (128): one program per output tile builds a descriptor, and a short K loop
+# cannot hide that (BENCHMARKS.md). The benchmark's "triton_ptrrows" sets it out of reach.
+ROWS_DESC_MIN_ROWS = 1024
+
+
+def _rows_desc(tma: bool, gather: bool, rows: torch.Tensor, num_experts: int) -> bool:
+    """Whether a weight-gradient kernel reads its pre-grouped row operand through per-expert descriptors
+    (TMA on, no row index, experts long enough, and the tensor fits a descriptor)."""
+    return (tma and not gather and rows.shape[0] >= ROWS_DESC_MIN_ROWS * num_experts
+            and device_tma(True, rows))
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -230,14 +247,14 @@ class GroupedSwiGLU(torch.autograd.Function):
             tma, (hc, dwd) = tma_args(use_tma, hc_SF, d_wd)
             dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
                 hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
-                GATHER=gather, DOT_PREC=prec, TMA=tma,
+                GATHER=gather, DOT_PREC=prec, TMA=tma, ROWS_DESC=_rows_desc(tma, gather, dy, E),
             )
             d_wg = _empty(E, D, F, dtype=dt, device=dev)
             d_wu = _empty(E, D, F, dtype=dt, device=dev)
             tma, (dg, du, dwg, dwu) = tma_args(use_tma, dg_SF, du_SF, d_wg, d_wu)
             dw_gate_up_bwd[lambda m: (E * triton.cdiv(D, m["BM"]) * triton.cdiv(F, m["BN"]),)](
                 x, dg, du, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwg, dwu, D, F,
-                GATHER=gather, DOT_PREC=prec, TMA=tma,
+                GATHER=gather, DOT_PREC=prec, TMA=tma, ROWS_DESC=_rows_desc(tma, gather, x, E),
             )
         del hc_SF
 

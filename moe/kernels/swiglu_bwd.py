@@ -16,7 +16,9 @@ With TMA (see `_tiles.TMA_MODE`) weight tiles and contiguous row tiles come thro
 and the weight gradients are stored through one. In the weight-gradient kernels the descriptor-loaded
 operand is not masked past the expert's rows: the other operand (pointer-loaded, masked) is zero
 there, so those rows add 0 * finite values (rows of the next expert, zeroed padding, or TMA's zero
-fill past the end).
+fill past the end). On pre-grouped rows (ROWS_DESC) that other operand comes through a descriptor made
+per tile on the device whose rows end at the expert's last row, so the hardware fills the zeros and
+the main loop holds no pointer loads.
 """
 from __future__ import annotations
 
@@ -229,6 +231,14 @@ def dx_bwd(
         zero_tail_rows(dx_ptr, tl.sum(cnt, 0), dx_rows, D, pid, nprog, BM, BN)
 
 
+@triton.jit
+def _expert_rows_desc(ptr, start, n_rows, N, BK: tl.constexpr, BN: tl.constexpr):
+    """Descriptor over rows [0, start + n_rows) of a row-major [*, N] tensor, blocks [BK, BN]: a block
+    reaching past the expert's last row reads zeros there. (At least one row: an idle expert's
+    descriptor is never loaded from.)"""
+    return tl.make_tensor_descriptor(ptr, [tl.maximum(start + n_rows, 1), N], [N, 1], [BK, BN])
+
+
 @triton.autotune(
     configs=tile_configs(
         [(128, 128, 64, 8, 5), (128, 256, 64, 8, 5), (128, 128, 64, 4, 5), (128, 128, 64, 8, 4),
@@ -243,14 +253,14 @@ def dx_bwd(
               (128, 64, 32, 4, 2)],
         tma_blocks={"hc_ptr": ("BK", "BM"), "dwd_ptr": (1, "BM", "BN")},
     ),
-    key=["D", "F", "GATHER", "TMA"],
+    key=["D", "F", "GATHER", "TMA", "ROWS_DESC"],
     prune_configs_by={"early_config_prune": smem_prune("hc_ptr", 1, index_in_loop=True)},
 )
 @triton.jit
 def dw_down_bwd(
     hc_ptr, dy_ptr, row_idx_ptr, order_ptr, starts_ptr, counts_ptr, dwd_ptr,
     D, F,
-    GATHER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+    GATHER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, ROWS_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Tile (f block, d block) of dw_down[e], K = the expert's rows.
@@ -270,6 +280,8 @@ def dw_down_bwd(
     offs_mw = offs_m % F
     offs_nw = offs_n % D
     offs_k = tl.arange(0, BK)
+    if ROWS_DESC:
+        dy_desc = _expert_rows_desc(dy_ptr, start, n_rows, D, BK, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, n_rows, BK):
         rows = start + k0 + offs_k
@@ -282,7 +294,10 @@ def dw_down_bwd(
             a = hc_ptr.load([start + k0, pid_m * BM])
         else:
             a = tl.load(hc_ptr + rows.to(tl.int64)[:, None] * F + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
-        b = tl.load(dy_ptr + src[:, None] * D + offs_nw[None, :], mask=k_ok[:, None], other=0.0)
+        if ROWS_DESC:
+            b = dy_desc.load([start + k0, pid_n * BN])
+        else:
+            b = tl.load(dy_ptr + src[:, None] * D + offs_nw[None, :], mask=k_ok[:, None], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
     # An expert with no rows runs no iteration and stores exact zeros: its gradient is 0, not None.
     if TMA:
@@ -305,14 +320,14 @@ def dw_down_bwd(
         tma_blocks={"dg_ptr": ("BK", "BN"), "du_ptr": ("BK", "BN"), "dwg_ptr": (1, "BM", "BN"),
                     "dwu_ptr": (1, "BM", "BN")},
     ),
-    key=["D", "F", "GATHER", "TMA"],
+    key=["D", "F", "GATHER", "TMA", "ROWS_DESC"],
     prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, index_in_loop=True)},
 )
 @triton.jit
 def dw_gate_up_bwd(
     x_ptr, dg_ptr, du_ptr, row_idx_ptr, order_ptr, starts_ptr, counts_ptr, dwg_ptr, dwu_ptr,
     D, F,
-    GATHER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+    GATHER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr, ROWS_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Tile (d block, f block) of dw_gate[e] and dw_up[e], K = the expert's rows.
@@ -332,6 +347,8 @@ def dw_gate_up_bwd(
     offs_mw = offs_m % D
     offs_nw = offs_n % F
     offs_k = tl.arange(0, BK)
+    if ROWS_DESC:
+        x_desc = _expert_rows_desc(x_ptr, start, n_rows, D, BK, BM)
     acc_g = tl.zeros((BM, BN), dtype=tl.float32)
     acc_u = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, n_rows, BK):
@@ -341,7 +358,10 @@ def dw_gate_up_bwd(
             src = tl.load(row_idx_ptr + rows, mask=k_ok, other=0).to(tl.int64)
         else:
             src = rows.to(tl.int64)
-        a = tl.load(x_ptr + src[:, None] * D + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
+        if ROWS_DESC:
+            a = x_desc.load([start + k0, pid_m * BM])
+        else:
+            a = tl.load(x_ptr + src[:, None] * D + offs_mw[None, :], mask=k_ok[:, None], other=0.0)
         a_t = tl.trans(a)
         if TMA:
             bg = dg_ptr.load([start + k0, pid_n * BN])
