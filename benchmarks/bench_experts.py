@@ -36,7 +36,8 @@ _ROWS_DESC_DEFAULT = grouped_swiglu.ROWS_DESC_MIN_ROWS
 # "triton_combine" sums a token's rows in a separate, reproducible pass instead of the epilogue atomics;
 # "triton_nows" keeps the atomic down projection where MOE_TRITON_WS would pick the warp-specialized one;
 # "triton_ws" takes the warp-specialized one wherever it can run; "triton_ptrrows" keeps pointer loads for
-# the weight-gradient kernels' pre-grouped rows (grouped mode; see grouped_swiglu.ROWS_DESC_MIN_ROWS).
+# pre-grouped rows where descriptors would read them (grouped mode; grouped_swiglu.GROUPED_X_DESC and
+# ROWS_DESC_MIN_ROWS).
 TRITON_VARIANTS = ("triton", "triton_ptr", "triton_combine", "triton_nows", "triton_ws", "triton_ptrrows")
 MODES = ("gather", "grouped")
 
@@ -45,6 +46,7 @@ def run_experts(backend: str, *args):
     """`routed_experts` by backend name, where the Triton variants above select the kernel's options."""
     _tiles.TMA_MODE = "0" if backend == "triton_ptr" else _TMA_DEFAULT
     grouped_swiglu.SCATTER_MODE = "combine" if backend == "triton_combine" else _SCATTER_DEFAULT
+    grouped_swiglu.GROUPED_X_DESC = backend != "triton_ptrrows"
     grouped_swiglu.ROWS_DESC_MIN_ROWS = 2**62 if backend == "triton_ptrrows" else _ROWS_DESC_DEFAULT
     grouped_swiglu.WS_MODE = {"triton_nows": "0", "triton_ws": "1"}.get(backend, _WS_DEFAULT)
     return routed_experts(*args, backend="triton" if backend in TRITON_VARIANTS else backend)

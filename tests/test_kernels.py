@@ -131,12 +131,14 @@ def test_matches_torch_backend(case, mode, with_gate, dtype, path, monkeypatch):
     used = _tma_launches(monkeypatch, path == "tma")
     _check_against_torch(case, mode, with_gate, dtype)
     # Every one of the six GEMM launches took the path asked for (TMA only where the layout allows); on
-    # pre-grouped rows the two weight-gradient kernels also read their row operand through descriptors.
+    # pre-grouped rows gate_up_fwd and the two weight-gradient kernels also read their row operand
+    # through descriptors.
     fits = path == "tma" and _tma_fits(D, F, dtype)
     launches = [fits] * 6
     if mode == "grouped" and fits:
-        launches[4:4] = [True]  # after dw_down_bwd's launch flag
-        launches[6:6] = [True]  # after dw_gate_up_bwd's
+        launches[5:5] = [True]  # after dw_gate_up_bwd's launch flag
+        launches[4:4] = [True]  # after dw_down_bwd's
+        launches[1:1] = [True]  # after gate_up_fwd's
     assert used == launches, used
 
 

@@ -78,6 +78,12 @@ POISON_BUFFERS = False
 ROWS_DESC_MIN_ROWS = 1024
 
 
+# gate_up_fwd reads pre-grouped x rows through a descriptor (built once per program, so no threshold):
+# 2.55 against 2.71-2.77 ms with pointer loads on qwen3_30b_a3b on an H200. A switch for the benchmark's
+# "triton_ptrrows".
+GROUPED_X_DESC = True
+
+
 def _rows_desc(tma: bool, gather: bool, rows: torch.Tensor, num_experts: int) -> bool:
     """Whether a weight-gradient kernel reads its pre-grouped row operand through per-expert descriptors
     (TMA on, no row index, experts long enough, and the tensor fits a descriptor)."""
@@ -165,6 +171,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
             gate_S if ws and gate_S is not None else dummy, E, D, F, S,
             GATHER=gather, SAVE_GU=save, GATE_H=ws and gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
+            X_DESC=GROUPED_X_DESC and tma and not gather and device_tma(True, x),
         )
         scatter = gather and not ws and scatter_mode() != "combine"
         segments = None

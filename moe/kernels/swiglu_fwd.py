@@ -9,9 +9,10 @@ Both are persistent grouped GEMMs over row tiles of all experts in one launch:
   rows afterwards) or atomically added to the token's output row (SCATTER: the scatter-add is fused
   into the epilogue).
 
-With TMA (Hopper and later; see `_tiles.TMA_MODE`) the weight tiles, and the contiguous h rows of the
-down projection, come through tensor descriptors: the copy engine fetches them, so no registers hold
-their addresses and the K and column tails come back zero-filled without masks. Gathered rows stay on
+With TMA (Hopper and later; see `_tiles.TMA_MODE`) the weight tiles, the contiguous h rows of the
+down projection and pre-grouped x rows (X_DESC) come through tensor descriptors: the copy engine
+fetches them, so no registers hold their addresses and the K and column tails come back zero-filled
+without masks. Gathered rows stay on
 pointer loads (Hopper's TMA has no row gather). Row tiles stored per sorted row may go out through a
 descriptor too (`_tiles.store_rows`, config key ST, autotuned against pointer stores).
 """
@@ -33,7 +34,7 @@ from moe.kernels._tiles import (
         wide=[(128, 64, 64, 8, 4), (128, 64, 64, 4, 3, 2), (64, 128, 64, 4, 3, 2), (64, 128, 64, 4, 4, 1),
               (64, 256, 64, 8, 4, 1), (128, 128, 64, 8, 5)], persistent=True, tma_store=True,
     ),
-    key=["D", "F", "GATHER", "TMA"],
+    key=["D", "F", "GATHER", "TMA", "X_DESC"],
     prune_configs_by={"early_config_prune": smem_prune("x_ptr", 2, stores_on=tma_on)},
 )
 @triton.jit
@@ -41,13 +42,15 @@ def gate_up_fwd(
     x_ptr, row_idx_ptr, wg_ptr, wu_ptr, counts_ptr, h_ptr, g_ptr, u_ptr, gate_ptr,
     E, D, F, S,
     GATHER: tl.constexpr, SAVE_GU: tl.constexpr, GATE_H: tl.constexpr, E_POW2: tl.constexpr,
-    DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+    DOT_PREC: tl.constexpr, TMA: tl.constexpr, X_DESC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, PPS: tl.constexpr,
     ST: tl.constexpr,
 ):
     if TMA:
         wg_desc = tl.make_tensor_descriptor(wg_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
         wu_desc = tl.make_tensor_descriptor(wu_ptr, [E, D, F], [D * F, F, 1], [1, BK, BN])
+    if X_DESC:  # pre-grouped x rows (never gathered ones)
+        x_desc = tl.make_tensor_descriptor(x_ptr, [S, D], [D, 1], [BM, BK])
     use_desc: tl.constexpr = TMA and ST
     if use_desc:
         h_desc = tl.make_tensor_descriptor(h_ptr, [S, F], [F, 1], [BM, BN])
@@ -84,7 +87,10 @@ def gate_up_fwd(
         acc_u = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, tl.cdiv(D, BK)):
             k_ok = offs_k < D - k * BK
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            if X_DESC:  # rows past the expert's end come from the next one and are dropped at the store
+                a = x_desc.load([m_start, k * BK])
+            else:
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             if TMA:
                 bg = wg_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
                 bu = wu_desc.load([e, k * BK, pid_n * BN]).reshape(BK, BN)
