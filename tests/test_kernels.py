@@ -266,6 +266,34 @@ def test_no_tokens(mode):
         assert gr is not None and torch.count_nonzero(gr) == 0
 
 
+@pytest.mark.parametrize("mode", ["gather", "grouped"])
+def test_backward_frees_hc_before_the_weight_gradients(mode, monkeypatch):
+    """When dw_gate and dw_up are allocated (with dx's, the backward's high points), of the S x F buffers
+    only the saved g and u and the dg and du that dx still needs may be alive (not hc, a or the forward's h)."""
+    import weakref
+
+    name, E, D, F, counts, T = CASES[3]  # D != F, so dw_gate's [E, D, F] shape is its own
+    dtype = DTYPES[0]
+    tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, mode, True, dtype, 5)
+    S = sum(counts) if mode == "gather" else tensors[0].shape[0]  # pre-grouped: the padding rows too
+    live: list[weakref.ref] = []
+    at_dw_gate: list[int] = []
+    real = gs._empty
+
+    def spy(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+        t = real(*shape, dtype=dtype, device=device)
+        if shape == (S, F):
+            live.append(weakref.ref(t))
+        elif shape == (E, D, F) and not at_dw_gate:
+            at_dw_gate.append(sum(r() is not None for r in live))
+        return t
+
+    monkeypatch.setattr(gs, "_empty", spy)
+    _run("triton", tensors, counts_E, row_idx, gate, T if mode == "gather" else None, DEVICE, dtype, 5)
+    assert len(live) == 7  # h, g, u in the forward; a, dg, du, hc in the backward
+    assert at_dw_gate == [4]
+
+
 def test_inference_matches_training_forward():
     """Under no_grad the pre-activations are not stored; the output must not change."""
     name, E, D, F, counts, T = CASES[0]

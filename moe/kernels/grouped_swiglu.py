@@ -256,6 +256,9 @@ class GroupedSwiGLU(torch.autograd.Function):
                 hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
                 GATHER=gather, DOT_PREC=prec, TMA=tma, ROWS_DESC=_rows_desc(tma, gather, dy, E),
             )
+            # hc's last reader has been queued: its S x F buffer goes back to the allocator before the
+            # two weight gradients below take theirs (with dx's allocation, the backward's high point).
+            hc = hc_SF = None
             d_wg = _empty(E, D, F, dtype=dt, device=dev)
             d_wu = _empty(E, D, F, dtype=dt, device=dev)
             tma, (dg, du, dwg, dwu) = tma_args(use_tma, dg_SF, du_SF, d_wg, d_wu)
