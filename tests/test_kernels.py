@@ -268,8 +268,9 @@ def test_no_tokens(mode):
 
 @pytest.mark.parametrize("mode", ["gather", "grouped"])
 def test_backward_frees_hc_before_the_weight_gradients(mode, monkeypatch):
-    """When dw_gate and dw_up are allocated (with dx's, the backward's high points), of the S x F buffers
-    only the saved g and u and the dg and du that dx still needs may be alive (not hc, a or the forward's h)."""
+    """From the weight gradients' allocation on (with dx's, the backward's high points), of the S x F
+    buffers only the saved g and u and the dg and du that dx still needs may be alive: not hc (nor a, nor
+    the forward's h), also where a descriptor built over it outlives the launch."""
     import weakref
 
     name, E, D, F, counts, T = CASES[3]  # D != F, so dw_gate's [E, D, F] shape is its own
@@ -277,21 +278,24 @@ def test_backward_frees_hc_before_the_weight_gradients(mode, monkeypatch):
     tensors, counts_E, row_idx, gate = _inputs(E, D, F, counts, T, mode, True, dtype, 5)
     S = sum(counts) if mode == "gather" else tensors[0].shape[0]  # pre-grouped: the padding rows too
     live: list[weakref.ref] = []
-    at_dw_gate: list[int] = []
+    after_dw: list[tuple[int, ...]] = []  # (shape..., live S x F buffers) of each allocation from dw_gate's on
     real = gs._empty
 
     def spy(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+        if shape == (E, D, F) or after_dw:
+            after_dw.append((*shape, sum(r() is not None for r in live)))
         t = real(*shape, dtype=dtype, device=device)
         if shape == (S, F):
             live.append(weakref.ref(t))
-        elif shape == (E, D, F) and not at_dw_gate:
-            at_dw_gate.append(sum(r() is not None for r in live))
         return t
 
     monkeypatch.setattr(gs, "_empty", spy)
     _run("triton", tensors, counts_E, row_idx, gate, T if mode == "gather" else None, DEVICE, dtype, 5)
     assert len(live) == 7  # h, g, u in the forward; a, dg, du, hc in the backward
-    assert at_dw_gate == [4]
+    expected = [(E, D, F, 4), (E, D, F, 4)]  # dw_gate, dw_up
+    if mode == "grouped":
+        expected.append((S, D, 4))  # dx, one row per input row
+    assert after_dw == expected
 
 
 def test_inference_matches_training_forward():
