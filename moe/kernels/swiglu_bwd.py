@@ -232,6 +232,23 @@ def dx_bwd(
 
 
 @triton.jit
+def _weight_tile(order_ptr, starts_ptr, counts_ptr, num_m, num_n, GROUP_M: tl.constexpr):
+    """(expert, its first sorted row, its row count, row block, column block) of this program's tile of a
+    weight gradient, one program per tile, experts in the longest-first order of `order_ptr`.
+
+    Starts and counts come permuted the same way as the order, so the three loads are independent (one
+    memory latency per tile, not two: it shows when tiles are short)."""
+    pid = tl.program_id(0)
+    per_expert = num_m * num_n
+    r = pid // per_expert
+    e = tl.load(order_ptr + r)
+    start = tl.load(starts_ptr + r)
+    n_rows = tl.load(counts_ptr + r)
+    pid_m, pid_n = swizzle(pid % per_expert, num_m, num_n, GROUP_M)
+    return e, start, n_rows, pid_m, pid_n
+
+
+@triton.jit
 def _expert_rows_desc(ptr, start, n_rows, N, BK: tl.constexpr, BN: tl.constexpr):
     """Descriptor over rows [0, start + n_rows) of a row-major [*, N] tensor, blocks [BK, BN]: a block
     reaching past the expert's last row reads zeros there. (At least one row: an idle expert's
@@ -264,17 +281,8 @@ def dw_down_bwd(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Tile (f block, d block) of dw_down[e], K = the expert's rows.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(F, BM)
-    num_n = tl.cdiv(D, BN)
-    per_expert = num_m * num_n
-    # Rank r in the longest-first order; starts and counts come permuted the same way, so the three
-    # loads are independent (one memory latency per tile, not two: it shows when tiles are short).
-    r = pid // per_expert
-    e = tl.load(order_ptr + r)
-    start = tl.load(starts_ptr + r)
-    n_rows = tl.load(counts_ptr + r)
-    pid_m, pid_n = swizzle(pid % per_expert, num_m, num_n, GROUP_M)
+    e, start, n_rows, pid_m, pid_n = _weight_tile(order_ptr, starts_ptr, counts_ptr, tl.cdiv(F, BM),
+                                                  tl.cdiv(D, BN), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_mw = offs_m % F
@@ -331,17 +339,8 @@ def dw_gate_up_bwd(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Tile (d block, f block) of dw_gate[e] and dw_up[e], K = the expert's rows.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(D, BM)
-    num_n = tl.cdiv(F, BN)
-    per_expert = num_m * num_n
-    # Rank r in the longest-first order; starts and counts come permuted the same way, so the three
-    # loads are independent (one memory latency per tile, not two: it shows when tiles are short).
-    r = pid // per_expert
-    e = tl.load(order_ptr + r)
-    start = tl.load(starts_ptr + r)
-    n_rows = tl.load(counts_ptr + r)
-    pid_m, pid_n = swizzle(pid % per_expert, num_m, num_n, GROUP_M)
+    e, start, n_rows, pid_m, pid_n = _weight_tile(order_ptr, starts_ptr, counts_ptr, tl.cdiv(D, BM),
+                                                  tl.cdiv(F, BN), GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_mw = offs_m % D
