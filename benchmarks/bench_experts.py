@@ -7,10 +7,11 @@ Every backend runs in gather mode by default (x rows read through row_idx_S, gat
 into T rows), bf16, as the single-rank MoE layer calls it; `--mode grouped` times the expert-parallel
 path instead (x rows already grouped by expert, no gate, one output row per input row). Each time is
 the median of --iters CUDA-event timings after warm-up (which also runs the autotuner), and each
-reported figure the median of --rounds rounds that interleave every backend and the dense matmul. Forward is the training forward (inputs require grad, so the
-activations for backward are kept); forward+backward returns the gradients of x, the three weights and
-the gate through torch.autograd.grad (no .grad accumulation in the timing). TFLOP/s counts the useful
-work only: forward 2*T*k*D*3F, forward+backward 3x that. Peak memory is the allocator's peak during
+reported figure the median of --rounds rounds that interleave every backend and the dense matmul.
+Forward is the training forward (inputs require grad, so the activations for backward are kept);
+forward+backward returns the gradients of x, the three weights and the gate through torch.autograd.grad
+(no .grad accumulation in the timing). TFLOP/s counts the useful work only: forward 2*T*k*D*3F,
+forward+backward 3x that. Peak memory is the allocator's peak during
 one forward+backward, over what the inputs and weights already hold.
 """
 from __future__ import annotations

@@ -84,11 +84,10 @@ ROWS_DESC_MIN_ROWS = 1024
 GROUPED_X_DESC = True
 
 
-def _rows_desc(tma: bool, gather: bool, rows: torch.Tensor, num_experts: int) -> bool:
-    """Whether a weight-gradient kernel reads its pre-grouped row operand through per-expert descriptors
-    (TMA on, no row index, experts long enough, and the tensor fits a descriptor)."""
-    return (tma and not gather and rows.shape[0] >= ROWS_DESC_MIN_ROWS * num_experts
-            and device_tma(True, rows))
+def _rows_desc(tma: bool, gather: bool, rows: torch.Tensor, min_rows: int) -> bool:
+    """Whether a kernel reads its pre-grouped row operand `rows` through descriptors: TMA on, no row
+    index, at least `min_rows` rows, and the tensor fits a descriptor."""
+    return tma and not gather and rows.shape[0] >= min_rows and device_tma(True, rows)
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -171,7 +170,7 @@ class GroupedSwiGLU(torch.autograd.Function):
             x, row_idx_S if gather else dummy, w_gate_EDF, w_up_EDF, counts_E, h_SF, g_SF, u_SF,
             gate_S if ws and gate_S is not None else dummy, E, D, F, S,
             GATHER=gather, SAVE_GU=save, GATE_H=ws and gate_S is not None, E_POW2=e_pow2, DOT_PREC=prec, TMA=tma,
-            X_DESC=GROUPED_X_DESC and tma and not gather and device_tma(True, x),
+            X_DESC=GROUPED_X_DESC and _rows_desc(tma, gather, x, 0),
         )
         scatter = gather and not ws and scatter_mode() != "combine"
         segments = None
@@ -254,7 +253,8 @@ class GroupedSwiGLU(torch.autograd.Function):
             tma, (hc, dwd) = tma_args(use_tma, hc_SF, d_wd)
             dw_down_bwd[lambda m: (E * triton.cdiv(F, m["BM"]) * triton.cdiv(D, m["BN"]),)](
                 hc, dy, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwd, D, F,
-                GATHER=gather, DOT_PREC=prec, TMA=tma, ROWS_DESC=_rows_desc(tma, gather, dy, E),
+                GATHER=gather, DOT_PREC=prec, TMA=tma,
+                ROWS_DESC=_rows_desc(tma, gather, dy, ROWS_DESC_MIN_ROWS * E),
             )
             # hc's last reader has been queued: its S x F buffer goes back to the allocator before the
             # two weight gradients below take theirs (with dx's allocation, the backward's high point).
@@ -264,7 +264,8 @@ class GroupedSwiGLU(torch.autograd.Function):
             tma, (dg, du, dwg, dwu) = tma_args(use_tma, dg_SF, du_SF, d_wg, d_wu)
             dw_gate_up_bwd[lambda m: (E * triton.cdiv(D, m["BM"]) * triton.cdiv(F, m["BN"]),)](
                 x, dg, du, row_idx_S if gather else dummy, order_E, starts_R, counts_R, dwg, dwu, D, F,
-                GATHER=gather, DOT_PREC=prec, TMA=tma, ROWS_DESC=_rows_desc(tma, gather, x, E),
+                GATHER=gather, DOT_PREC=prec, TMA=tma,
+                ROWS_DESC=_rows_desc(tma, gather, x, ROWS_DESC_MIN_ROWS * E),
             )
         del hc_SF
 

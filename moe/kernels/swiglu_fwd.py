@@ -12,9 +12,9 @@ Both are persistent grouped GEMMs over row tiles of all experts in one launch:
 With TMA (Hopper and later; see `_tiles.TMA_MODE`) the weight tiles, the contiguous h rows of the
 down projection and pre-grouped x rows (X_DESC) come through tensor descriptors: the copy engine
 fetches them, so no registers hold their addresses and the K and column tails come back zero-filled
-without masks. Gathered rows stay on
-pointer loads (Hopper's TMA has no row gather). Row tiles stored per sorted row may go out through a
-descriptor too (`_tiles.store_rows`, config key ST, autotuned against pointer stores).
+without masks. Gathered rows stay on pointer loads (Hopper's TMA has no row gather). Row tiles stored
+per sorted row may go out through a descriptor too (`_tiles.store_rows`, config key ST, autotuned
+against pointer stores).
 """
 from __future__ import annotations
 
