@@ -317,6 +317,9 @@ def main() -> None:
     names_among(ap, "--profile-skews", args.profile_skews, ROUTINGS)
     names_among(ap, "--shapes", args.shapes, sorted(SHAPES))
     names_among(ap, "--backends", args.backends, (*TRITON_VARIANTS, "grouped_mm", "torch"))
+    for flag, value in (("--rounds", args.rounds), ("--iters", args.iters)):
+        if value < 1:
+            ap.error(f"{flag}: {value} is not a positive number of timings")
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)

@@ -53,6 +53,8 @@ def test_unknown_routing_is_refused():
     ("bench_experts.py", ["--profile-skews", "bal"], "--profile-skews: ['bal'] not among"),
     ("bench_experts.py", ["--shapes", "qwen"], "--shapes: ['qwen'] not among"),
     ("bench_experts.py", ["--backends", "triton,tritn"], "--backends: ['tritn'] not among"),
+    ("bench_experts.py", ["--rounds", "0"], "--rounds: 0 is not a positive number"),
+    ("bench_experts.py", ["--mode", "pregrouped"], "invalid choice: 'pregrouped'"),
     ("bench_down_combine.py", ["--shapes", "qwen"], "--shapes: ['qwen'] not among"),
     ("bench_down_combine.py", ["--skews", "zipff"], "--skews: ['zipff'] not among"),
 ])
