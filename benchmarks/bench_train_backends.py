@@ -6,7 +6,10 @@ median tokens/s and MFU after the first steps, peak memory, the share of step ti
 and how far the losses of the backends drift apart (bf16: rounding, not equality).
 
     python3 benchmarks/bench_train_backends.py --out /tmp/train_backends [--backends triton,grouped_mm]
-        [--steps 30] [launcher overrides ...]
+        [--steps 30] [--base NAME] [launcher overrides ...]
+
+A name with `+graphs` (`triton+graphs`, `grouped_mm+graphs`) runs that backend with
+train.cuda_graphs=true: against its eager run it measures what the CUDA graph saves.
 
 Each backend's run dir (metrics.jsonl, summary.json, the launcher's log) is kept under --out.
 """
@@ -24,6 +27,7 @@ import torch
 from bench_experts import names_among
 
 BACKENDS = ("triton", "grouped_mm", "torch")
+VARIANTS = BACKENDS + ("triton+graphs", "grouped_mm+graphs")  # the torch backend syncs: no graph
 # deepseek_small at the batch of the TMA section of BENCHMARKS.md: 131072 routed rows per MoE layer.
 # lr 1e-3: at the default 3e-3 this batch and data spike (loss 7.1 -> 8.2 at step 30 on an H200), and
 # after a spike the backends' bf16 rounding differences grow into different curves.
@@ -34,21 +38,22 @@ DEFAULT = ["model=deepseek_small", "data=synthetic", "cluster.use_gpu=true", "cl
 SKIP = 5  # the first steps hold Triton's autotuning and the allocator's growth
 
 
-def run_one(backend: str, steps: int, extra: list[str], run_dir: Path) -> dict:
+def run_one(name: str, steps: int, extra: list[str], run_dir: Path) -> dict:
+    backend, graphs = name.removesuffix("+graphs"), name.endswith("+graphs")
     cmd = [sys.executable, "-m", "launcher", *DEFAULT, f"train.steps={steps}", f"model.moe.backend={backend}",
-           *extra, f"hydra.run.dir={run_dir}"]
+           *extra, *(["train.cuda_graphs=true"] if graphs else []), f"hydra.run.dir={run_dir}"]
     started = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "launcher.log").write_text(res.stdout + res.stderr)
     if res.returncode != 0:
-        raise SystemExit(f"{backend}: the launcher exited with {res.returncode}\n{res.stderr[-3000:]}")
+        raise SystemExit(f"{name}: the launcher exited with {res.returncode}\n{res.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if r["step"] >= SKIP] or rows
     expert_share = [r["perf/expert_compute_time_s"] / r["step_time_s"] for r in timed
                     if r.get("perf/expert_compute_time_s") is not None]
     return {
-        "backend": backend, "wall_s": time.monotonic() - started, "losses": [r["loss"] for r in rows],
+        "backend": name, "wall_s": time.monotonic() - started, "losses": [r["loss"] for r in rows],
         "grad_norms": [r["grad_norm"] for r in rows],
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "mfu": statistics.median(r["perf/mfu"] for r in timed) if timed[0].get("perf/mfu") is not None else None,
@@ -61,11 +66,15 @@ def run_one(backend: str, steps: int, extra: list[str], run_dir: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for the run dirs and results.json")
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, among {', '.join(BACKENDS)}")
+    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated, among {', '.join(VARIANTS)}")
+    p.add_argument("--base", default="", help="the run the ratios are against (default grouped_mm if run, else "
+                   "the first of --backends)")
     p.add_argument("--steps", type=int, default=30, help=f"training steps per backend (> {SKIP})")
     p.add_argument("--repeats", type=int, default=1, help="runs per backend, the backends taking turns")
     args, extra = p.parse_known_args()
-    backends = names_among(p, "--backends", args.backends, BACKENDS)
+    backends = names_among(p, "--backends", args.backends, VARIANTS)
+    if args.base and args.base not in backends:
+        p.error(f"--base={args.base!r}: must be one of the runs in --backends ({', '.join(backends)})")
     if args.steps <= SKIP:
         p.error(f"--steps={args.steps}: must be > {SKIP}, the untimed first steps")
     if args.repeats < 1:
@@ -83,7 +92,8 @@ def main() -> None:
                   f"wall {r['wall_s']:.0f} s", flush=True)
     # Per backend, the run of median throughput stands for it (the first, with one repeat).
     results = [sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2] for rs in runs.values()]
-    base = next((r for r in results if r["backend"] == "grouped_mm"), results[0])
+    base_name = args.base or ("grouped_mm" if "grouped_mm" in backends else backends[0])
+    base = next(r for r in results if r["backend"] == base_name)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"\n{device}, torch {torch.__version__}; extra overrides: {' '.join(extra) or 'none'}; "
           f"steps {SKIP}..{args.steps - 1}, medians; ratios against {base['backend']}")

@@ -126,6 +126,29 @@ def _tensor_parallel_problems(job: JobConfig) -> list[str]:
     return p
 
 
+def _cuda_graph_problems(job: JobConfig) -> list[str]:
+    """train.cuda_graphs captures a micro-batch as it runs on one GPU: nothing in it may wait for the host."""
+    t, par, c, m = job.train, job.parallel, job.cluster, job.model
+    if not t.cuda_graphs:
+        return []
+    fix = "set train.cuda_graphs=false"
+    p = []
+    if not c.use_gpu:
+        p.append(f"train.cuda_graphs=true: needs a GPU (cluster.use_gpu=false); {fix}")
+    layout = {"dp": par.dp, "tp": par.tp, "pp": par.pp, "ep": par.ep}
+    if any(v > 1 for v in layout.values()):
+        degrees = ", ".join(f"parallel.{k}={v}" for k, v in layout.items() if v > 1)
+        p.append(f"train.cuda_graphs=true: one GPU only for now ({degrees}); the expert-parallel exchange sizes its "
+                 f"buffers on the host and multi-GPU capture is untested; {fix}, or run on one GPU")
+    if m.moe.router.capacity_factor > 0:
+        p.append(f"train.cuda_graphs=true with model.moe.router.capacity_factor={m.moe.router.capacity_factor}: "
+                 f"capacity drops select the kept rows on the host; set the capacity factor to 0 (dropless) or {fix}")
+    if m.moe.backend == "torch":
+        p.append(f"train.cuda_graphs=true with model.moe.backend=torch: its per-expert loop reads the counts on the "
+                 f"host; use auto, triton or grouped_mm, or {fix}")
+    return p
+
+
 def validate(job: JobConfig) -> None:
     """Cross-field checks; collects every problem so one run shows them all."""
     p: list[str] = []
@@ -238,6 +261,7 @@ def validate(job: JobConfig) -> None:
     if t.compile and (par.tp > 1 or par.pp > 1):
         p.append(f"train.compile=true: not supported with parallel.tp={par.tp}, parallel.pp={par.pp} yet (DTensor "
                  "and pipeline stages are untested under torch.compile); set train.compile=false, or tp=pp=1")
+    p += _cuda_graph_problems(job)
     if t.grad_clip < 0:
         p.append(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
 

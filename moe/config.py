@@ -201,6 +201,12 @@ class TrainConfig:
     The router and routed experts stay eager (data-dependent shapes; the experts have their own
     kernels). Costs a compile at the first step (~40 s for deepseek_small on an H200; on CPU it
     needs a C++ compiler); not yet with parallel.tp > 1 or parallel.pp > 1."""
+    cuda_graphs: bool = False
+    """Capture one micro-batch's forward and backward as a CUDA graph at the first step and replay it
+    for every micro-batch after (moe/train/cuda_graph.py): one launch instead of thousands, for
+    small batches where the host, not the GPU, sets the pace. One GPU, dropless routing (capacity
+    factor 0), the triton or grouped_mm expert backend; per-region timers are off. Costs two eager
+    warm-up micro-batches at the capture and keeps the step's activations in the graph's memory pool."""
     deterministic: bool = False
     """Same config, data, seed and world layout give the same bits in every run: PyTorch's deterministic
     algorithms (it raises on an op that has none), a fixed cuBLAS workspace, and the Triton experts'

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from moe.config import ModelConfig
+from moe.model.balancing import expert_counts
 from moe.model.dispatch import GroupedExperts, LocalDispatcher
 from moe.model.layers import SwiGLU
 from moe.model.router import Router, RouterOutput
@@ -23,7 +24,7 @@ def balanced_routing(routed: RouterOutput, num_experts: int) -> RouterOutput:
     device = routed.expert_idx_TK.device
     expert_idx_TK = (torch.arange(T * K, device=device) % num_experts).view(T, K)
     keep_TK = torch.ones_like(expert_idx_TK, dtype=torch.bool)
-    tokens_per_expert_E = torch.bincount(expert_idx_TK.flatten(), minlength=num_experts)
+    tokens_per_expert_E = expert_counts(expert_idx_TK, num_experts)  # no host sync (train.cuda_graphs)
     metrics = {**routed.metrics, "dropped": torch.zeros((), dtype=torch.int64, device=device)}
     return RouterOutput(expert_idx_TK, routed.gate_TK, keep_TK, tokens_per_expert_E, routed.aux_loss, metrics)
 

@@ -24,6 +24,7 @@ from moe.parallel.grads import clip_gradients, global_grad_norm, reduce_gradient
 from moe.parallel.inflight import collective
 from moe.parallel.mesh import ParallelContext
 from moe.train.load_metrics import model_load_metrics, to_cpu
+from moe.train.cuda_graph import GraphedMicroStep, MicroStep
 from moe.train.determinism import deterministic_mode
 from moe.train.observability import Observability
 from moe.train import checkpoint, faults, resume
@@ -46,10 +47,12 @@ def pick_device(use_gpu: bool) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_for(dtype: str, device: torch.device, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast unless fp32 is asked for (or `auto` on CPU). `cache=False` for a region captured
+    in a CUDA graph, as PyTorch's graph notes ask: the cast weights must not outlive the capture."""
     if dtype == "fp32" or (dtype == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
@@ -87,10 +90,29 @@ def build_sinks(job: JobConfig, model_name: str, wandb_run_id: str | None = None
     return MultiSink(sinks)
 
 
-def forward_backward(model: Transformer, dataset, job: JobConfig, device: torch.device, data_step: int,
+def micro_step_fn(model: Transformer, job: JobConfig, device: torch.device, accum: int) -> MicroStep:
+    """One micro-batch's forward and backward on device tensors, gradients scaled for a mean over
+    `accum` micro-batches. Returns the LM loss, the balancing loss and the router metrics, detached:
+    plain tensors eager, the graph's outputs under train.cuda_graphs."""
+    graphed = job.train.cuda_graphs
+
+    def run(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        with autocast_for(job.train.dtype, device, cache=not graphed):
+            ce = lm_loss(model(inputs), targets)
+            aux = model.aux_loss().to(device)
+        ((ce + aux) / accum).backward()
+        metrics = {f"moe/{k}/layer_{i}": v.detach().float()
+                   for i, moe in model.moe_layers().items() for k, v in moe.metrics.items()}
+        return ce.detach(), aux.detach(), metrics
+
+    return run
+
+
+def forward_backward(step_fn: MicroStep, dataset, job: JobConfig, device: torch.device, data_step: int,
                      first_row: int, accum: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One step's micro-batches on this rank (rows `first_row` onwards of the global batch), gradients
-    accumulated as the mean over them. Returns the summed LM loss, balancing loss and router metrics."""
+    """One step's micro-batches on this rank (rows `first_row` onwards of the global batch) through
+    `step_fn` (`micro_step_fn`, or its CUDA graph), gradients accumulated as the mean over them.
+    Returns the summed LM loss, balancing loss and router metrics."""
     t = job.train
     ce_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
@@ -98,16 +120,12 @@ def forward_backward(model: Transformer, dataset, job: JobConfig, device: torch.
     for micro in range(accum):
         start = first_row + micro * t.micro_batch_size
         inputs, targets = dataset.batch(data_step, range(start, start + t.micro_batch_size))
-        with autocast_for(t.dtype, device):
-            ce = lm_loss(model(inputs.to(device)), targets.to(device))
-            aux = model.aux_loss().to(device)
-        ((ce + aux) / accum).backward()
-        ce_sum += ce.detach()
-        aux_sum += aux.detach()
-        for i, moe in model.moe_layers().items():
-            for k, v in moe.metrics.items():
-                key = f"moe/{k}/layer_{i}"
-                router_sums[key] = router_sums.get(key, 0) + v.detach().float()
+        # A graph's outputs are overwritten by its next replay: they are summed here, before it.
+        ce, aux, metrics = step_fn(inputs.to(device), targets.to(device))
+        ce_sum += ce
+        aux_sum += aux
+        for key, v in metrics.items():
+            router_sums[key] = router_sums.get(key, 0) + v
     return ce_sum, aux_sum, router_sums
 
 
@@ -182,6 +200,9 @@ def _train(job: JobConfig, report: Report | None, ctx: ParallelContext) -> dict[
             if ctx.pp > 1 else None)
     tokens_per_step = t.global_batch_size * t.seq_len
     obs = Observability(job, model, ctx, device, sink, tokens_per_step)
+    step_fn = micro_step_fn(model, job, device, accum)
+    if t.cuda_graphs:  # captured at the first micro-batch (moe/train/cuda_graph.py)
+        step_fn = GraphedMicroStep(model, step_fn, device)
     rate = job.model.moe.router.bias_update_rate if job.model.moe.router.use_expert_bias else 0.0
     history: list[dict[str, Any]] = []
     eval_loss = None
@@ -197,7 +218,7 @@ def _train(job: JobConfig, report: Report | None, ctx: ParallelContext) -> dict[
         if pipe is not None:  # the 1F1B schedule runs the same micro-batches through the stages
             ce_sum, aux_sum, router_sums = pipe.step(dataset, data_step, batch_rank, local_batch)
         else:
-            ce_sum, aux_sum, router_sums = forward_backward(model, dataset, job, device, data_step,
+            ce_sum, aux_sum, router_sums = forward_backward(step_fn, dataset, job, device, data_step,
                                                             batch_rank * local_batch, accum)
 
         reduce_gradients(model, ctx)
@@ -220,7 +241,8 @@ def _train(job: JobConfig, report: Report | None, ctx: ParallelContext) -> dict[
             )
         faults.point("before_optimizer")
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # A CUDA graph accumulates into the gradient tensors it was captured with: zero them, keep them.
+        optimizer.zero_grad(set_to_none=not t.cuda_graphs)
 
         for moe in model.moe_layers().values():
             all_reduce_(moe.tokens_per_expert_acc, ctx, "routing")  # global load: identical biases everywhere

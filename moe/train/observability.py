@@ -69,7 +69,8 @@ class Observability:
         # Every MoE layer of the model: with pipeline parallelism this rank holds only its stage's layers
         # (self.layers, what it times) but logs all of them (the loop reduces their metrics over pp).
         self.model_layers = list(range(job.model.num_dense_layers, job.model.num_layers))
-        self.timer = RegionTimer(device) if job.logger.timing else None
+        # Under train.cuda_graphs the MoE regions run inside a graph, which records no timing events.
+        self.timer = RegionTimer(device) if job.logger.timing and not job.train.cuda_graphs else None
         for i, moe in model.moe_layers().items():
             moe.layer_id = i
             moe.timer = self.timer
