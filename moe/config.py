@@ -205,7 +205,7 @@ class TrainConfig:
     """Capture one micro-batch's forward and backward as a CUDA graph at the first step and replay it
     for every micro-batch after (moe/train/cuda_graph.py): one launch instead of thousands, for
     small batches where the host, not the GPU, sets the pace. One GPU, dropless routing (capacity
-    factor 0), the triton or grouped_mm expert backend; per-region timers are off. Costs two eager
+    factor 0), the triton or grouped_mm expert backend; the region timers read the GPU's clock. Costs two eager
     warm-up micro-batches at the capture and keeps the step's activations in the graph's memory pool."""
     deterministic: bool = False
     """Same config, data, seed and world layout give the same bits in every run: PyTorch's deterministic

@@ -6,6 +6,8 @@ the configuration check and the refusals run.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,8 +56,14 @@ def test_graphed_training_matches_eager(tmp_path):
     for r, e in zip(rows, eager_rows):
         for key in router_keys:
             assert rel(r[key], e[key]) <= 1e-5, (r["step"], key, r[key], e[key])
-    # No region timers inside a graph: the timings, and what is derived from them, are not reported.
-    assert "perf/expert_compute_time_s" in eager_rows[-1] and "perf/expert_compute_time_s" not in rows[-1]
+    # The expert regions time themselves inside the graph (DeviceClockTimer): every step reports a
+    # positive time, below the step's, and step 0 does not include the two eager warm-up micro-batches.
+    times = [r["perf/expert_compute_time_s"] for r in rows]
+    eager_times = [r["perf/expert_compute_time_s"] for r in eager_rows]
+    print(f"expert region per step, s: graphed {times}, eager {eager_times}")
+    assert all(0 < t < r["step_time_s"] for t, r in zip(times, rows)), times
+    later = sorted(times[1:])[len(times[1:]) // 2]
+    assert times[0] < 3 * later, times
 
 
 @cuda_only
@@ -93,20 +101,26 @@ def test_negative_control_stale_batch_is_caught(tmp_path, monkeypatch):
 
 @cuda_only
 def test_capture_failure_names_the_cause():
-    from moe.train.cuda_graph import GraphedMicroStep
+    """In a subprocess: a failed capture leaves PyTorch's CUDA generator in capture mode for the rest of
+    its process (the next torch.randn on the GPU raises), which would break the tests after this one."""
+    code = """
+import torch
+from moe.train.cuda_graph import GraphedMicroStep
 
-    model = torch.nn.Linear(8, 8).cuda()
+model = torch.nn.Linear(8, 8).cuda()
 
-    def syncing_step(x, y):
-        loss = (model(x.float()) - y.float()).square().mean()
-        loss.backward()
-        if loss.item() > 1e9:  # a host sync: not allowed while capturing
-            pass
-        return loss.detach(), loss.detach(), {}
+def syncing_step(x, y):
+    loss = (model(x) - y).square().mean()
+    loss.backward()
+    if loss.item() > 1e9:  # a host sync: not allowed while capturing
+        pass
+    return loss.detach(), loss.detach(), {}
 
-    step = GraphedMicroStep(model, syncing_step, torch.device("cuda"))
-    with pytest.raises(RuntimeError, match="train.cuda_graphs: capturing the micro-batch failed"):
-        step(torch.randn(4, 8, device="cuda"), torch.randn(4, 8, device="cuda"))
+GraphedMicroStep(model, syncing_step, torch.device("cuda"))(torch.ones(4, 8).cuda(), torch.zeros(4, 8).cuda())
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "train.cuda_graphs: capturing the micro-batch failed" in res.stderr, res.stderr[-3000:]
 
 
 def test_refused_without_gpu():
@@ -122,6 +136,54 @@ def test_refused_without_gpu():
 def test_refused_where_the_step_syncs(overrides, message):
     with pytest.raises(ConfigError, match=message):
         job_from(["train.cuda_graphs=true", "cluster.use_gpu=true", *overrides])
+
+
+@cuda_only
+def test_device_clock_timer_matches_events_and_sums_replays():
+    """The clock marks time a region like CUDA events do, eagerly; captured in a graph, every replay adds
+    its duration (events recorded in a capture would time nothing)."""
+    from moe.train.timing import DeviceClockTimer, RegionTimer, run_timed
+
+    dev = torch.device("cuda")
+    w = torch.randn(4096, 4096, device=dev)
+    x = torch.randn(4096, 4096, device=dev, requires_grad=True)
+
+    def fwd_bwd(timer):
+        y = run_timed(timer, "r", x, lambda t: (t @ w) @ w)
+        y.sum().backward()
+
+    for _ in range(2):  # cuBLAS and the mark kernel's compile out of the way
+        fwd_bwd(DeviceClockTimer(dev))
+    events, clock = RegionTimer(dev), DeviceClockTimer(dev)
+    fwd_bwd(events)
+    fwd_bwd(clock)
+    torch.cuda.synchronize()
+    (ev_f, ev_b), (ck_f, ck_b) = events.collect()["r"], clock.collect()["r"]
+    print(f"events fwd {ev_f:.2e} bwd {ev_b:.2e}; clock fwd {ck_f:.2e} bwd {ck_b:.2e} s")
+    assert 0.7 < ck_f / ev_f < 1.4 and 0.7 < ck_b / ev_b < 1.4
+
+    graphed = DeviceClockTimer(dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fwd_bwd(graphed)  # warm-up, then zeroed
+    torch.cuda.current_stream().wait_stream(side)
+    graphed.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        fwd_bwd(graphed)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    g_f, g_b = graphed.collect()["r"]
+    assert 0.7 < g_f / (3 * ck_f) < 1.4 and 0.7 < g_b / (3 * ck_b) < 1.4, (g_f, g_b, ck_f, ck_b)
+
+
+def test_device_clock_timer_refuses_cpu():
+    from moe.train.timing import DeviceClockTimer
+
+    with pytest.raises(ValueError, match="reads a CUDA device's clock"):
+        DeviceClockTimer(torch.device("cpu"))
 
 
 def test_graph_wrapper_refuses_cpu():

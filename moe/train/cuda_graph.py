@@ -20,8 +20,9 @@ How, following the whole-network capture of PyTorch's CUDA graph notes:
 
 What must hold inside the captured region: no host sync (dropless routing; the Triton and
 grouped_mm backends), the same shapes every micro-batch, and one process (the configuration check
-in launcher/config.py refuses the rest). The MoE layers' region timers are off in this mode: the
-graph records no events, so `perf/expert_compute_time_s` is not reported.
+in launcher/config.py refuses the rest). The MoE layers' region timers read the GPU's clock from
+kernels captured with the rest (`moe.train.timing.DeviceClockTimer`), so the timings are still
+reported.
 """
 from __future__ import annotations
 
@@ -43,10 +44,13 @@ class GraphedMicroStep:
     same shapes and dtypes.
     """
 
-    def __init__(self, model: torch.nn.Module, micro_step: MicroStep, device: torch.device, warmup: int = 2) -> None:
+    def __init__(self, model: torch.nn.Module, micro_step: MicroStep, device: torch.device, warmup: int = 2,
+                 after_warmup: Callable[[], None] | None = None) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         self.model, self.micro_step, self.device, self.warmup = model, micro_step, device, warmup
+        self.after_warmup = after_warmup
+        """Called once the warm-up is undone (the trainer resets its step timers there)."""
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
@@ -98,6 +102,8 @@ class GraphedMicroStep:
                     p.grad.copy_(before)
             for b, before in zip(buffers, buffers_before):
                 b.copy_(before)
+        if self.after_warmup is not None:
+            self.after_warmup()
         torch.cuda.synchronize(self.device)
 
         graph = torch.cuda.CUDAGraph()

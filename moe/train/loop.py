@@ -202,7 +202,7 @@ def _train(job: JobConfig, report: Report | None, ctx: ParallelContext) -> dict[
     obs = Observability(job, model, ctx, device, sink, tokens_per_step)
     step_fn = micro_step_fn(model, job, device, accum)
     if t.cuda_graphs:  # captured at the first micro-batch (moe/train/cuda_graph.py)
-        step_fn = GraphedMicroStep(model, step_fn, device)
+        step_fn = GraphedMicroStep(model, step_fn, device, after_warmup=obs.start_step)  # warm-up is not timed
     rate = job.model.moe.router.bias_update_rate if job.model.moe.router.use_expert_bias else 0.0
     history: list[dict[str, Any]] = []
     eval_loss = None

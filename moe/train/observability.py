@@ -28,7 +28,7 @@ from moe.train import plots
 from moe.train.alerts import HealthMonitor
 from moe.train.mfu import device_peak_flops, mfu, training_flops_per_token
 from moe.train.sinks import Histogram, Image, MetricsSink
-from moe.train.timing import RegionTimer
+from moe.train.timing import DeviceClockTimer, RegionTimer
 
 # Legacy metrics.jsonl keys and their dashboard names; both are written, to every sink.
 ALIASES = {
@@ -69,8 +69,9 @@ class Observability:
         # Every MoE layer of the model: with pipeline parallelism this rank holds only its stage's layers
         # (self.layers, what it times) but logs all of them (the loop reduces their metrics over pp).
         self.model_layers = list(range(job.model.num_dense_layers, job.model.num_layers))
-        # Under train.cuda_graphs the MoE regions run inside a graph, which records no timing events.
-        self.timer = RegionTimer(device) if job.logger.timing and not job.train.cuda_graphs else None
+        # Under train.cuda_graphs the MoE regions run inside a graph: they time themselves on the device.
+        timer_cls = DeviceClockTimer if job.train.cuda_graphs else RegionTimer
+        self.timer = timer_cls(device) if job.logger.timing else None
         for i, moe in model.moe_layers().items():
             moe.layer_id = i
             moe.timer = self.timer

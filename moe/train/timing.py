@@ -12,6 +12,11 @@ events are read by :meth:`RegionTimer.collect` at log time, after the training l
 
 Async collective results (``AsyncCollectiveTensor`` from functional collectives) are waited on at the
 mark: the next op would wait anyway, and the end time must include the transfer.
+
+Under train.cuda_graphs the regions run inside a captured graph, where neither works: an event
+recorded during a capture times nothing at replay, and a replay runs none of the Python that makes
+spans. :class:`DeviceClockTimer` keeps the same marks but makes each one a tiny kernel that reads
+the GPU's own clock and sums the durations on the device, so replays time themselves.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 try:  # the wrapper type of functional collectives' not-yet-waited results
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
@@ -126,3 +133,66 @@ def run_timed(timer: RegionTimer | None, region: str, x: torch.Tensor, fn):
     if isinstance(out, tuple):
         return (span.exit(out[0]), *out[1:])
     return span.exit(out)
+
+
+@triton.jit(do_not_specialize=["slot"])  # one compiled kernel for every slot: none compiles inside a capture
+def _clock_mark(acc_ptr, slot, SIGN: tl.constexpr):
+    """acc[slot] += SIGN * the GPU's nanosecond clock: a region's start subtracts it, its end adds it."""
+    now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    tl.store(acc_ptr + slot, tl.load(acc_ptr + slot) + SIGN * now)
+
+
+class _ClockSpan(Span):
+    """A span whose marks add to its region's accumulator slots instead of recording events."""
+
+    def __init__(self, timer: "DeviceClockTimer", region: str) -> None:
+        super().__init__(timer)
+        self.region = region
+
+    def record(self, name: str) -> None:
+        direction, edge = name.split("_")
+        self.timer.mark(self.region, direction, -1 if edge == "start" else 1)
+
+
+class DeviceClockTimer(RegionTimer):
+    """RegionTimer for regions captured in a CUDA graph (train.cuda_graphs), on CUDA only.
+
+    Each mark launches a one-program kernel that adds the GPU's nanosecond clock (%globaltimer),
+    negated at a region's start, into that region's forward or backward slot of an int64
+    accumulator on the device. The kernels are captured with the rest, so every replay (every
+    micro-batch) adds its durations, and :meth:`collect` reads the step's totals with one copy after
+    the loop's end-of-step sync. Like the events, a mark runs once the work queued before it on the
+    stream has finished. A slot's running sum stays within one clock reading (starts and ends
+    alternate), far inside int64.
+    """
+
+    MAX_SLOTS = 4096
+
+    def __init__(self, device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"DeviceClockTimer reads a CUDA device's clock, got {device}")
+        super().__init__(device)
+        # Fixed for the run: a captured graph holds this buffer's address and the slot numbers.
+        self.acc = torch.zeros(self.MAX_SLOTS, dtype=torch.int64, device=device)
+        self.slots: dict[tuple[str, str], int] = {}
+
+    def span(self, region: str) -> Span:
+        return _ClockSpan(self, region)
+
+    def mark(self, region: str, direction: str, sign: int) -> None:
+        slot = self.slots.setdefault((region, direction), len(self.slots))
+        if slot >= self.MAX_SLOTS:
+            raise RuntimeError(f"DeviceClockTimer: more than {self.MAX_SLOTS // 2} timed regions")
+        _clock_mark[(1,)](self.acc, slot, SIGN=sign)
+
+    def reset(self) -> None:
+        self.acc.zero_()  # in place: a captured graph keeps adding into this buffer
+
+    def collect(self) -> dict[str, tuple[float, float]]:
+        totals = self.acc[: len(self.slots)].tolist()
+        out: dict[str, tuple[float, float]] = {}
+        for (region, direction), slot in self.slots.items():
+            fwd, bwd = out.get(region, (0.0, 0.0))
+            seconds = totals[slot] / 1e9
+            out[region] = (seconds, bwd) if direction == "fwd" else (fwd, seconds)
+        return out
