@@ -19,7 +19,7 @@ GRACE_S = 5.0
 PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|ECONNRESET|"
                        r"Connection refused|NCCL communicator was aborted|remote process exited", re.I)
 # Errors that a restart would only reproduce (same weights, same data): never retried.
-NOT_RETRYABLE = ("NonFiniteError",)
+NOT_RETRYABLE = ("NonFiniteError", "CudaGraphCaptureError")
 KIND_ORDER = {"died": 0, "error": 1, "peer_lost": 2, "hung": 3}
 
 

@@ -249,7 +249,7 @@ def test_in_flight_record_covers_forward_and_backward_collectives():
     inflight.reset()
 
 
-def test_likely_cause_comes_first_and_non_finite_is_not_retried():
+def test_likely_cause_comes_first_and_non_finite_or_capture_errors_are_not_retried():
     from launcher.supervisor import AttemptFailed, RankFailure
 
     lost = RankFailure(0, 0, "peer_lost", "RuntimeError: Connection closed by peer", "...")
@@ -259,6 +259,9 @@ def test_likely_cause_comes_first_and_non_finite_is_not_retried():
     assert failed.details().splitlines()[:2] == [died.headline(), lost.headline()]
     nonfinite = RankFailure(0, 0, "error", "moe.train.loop.NonFiniteError: loss=nan", "NonFiniteError: loss=nan")
     assert not AttemptFailed([nonfinite]).retryable
+    capture = RankFailure(0, 0, "error", "moe.train.cuda_graph.CudaGraphCaptureError: train.cuda_graphs: ...",
+                          "moe.train.cuda_graph.CudaGraphCaptureError: train.cuda_graphs: capturing failed")
+    assert not AttemptFailed([capture]).retryable
 
 
 def test_run_dir_override_points_to_hydra_run_dir(tmp_path):

@@ -34,6 +34,11 @@ import torch
 MicroStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
+class CudaGraphCaptureError(RuntimeError):
+    """The micro-batch could not be captured. A restart would meet the same op again, so the launcher
+    does not retry it (launcher/supervisor.py)."""
+
+
 class GraphedMicroStep:
     """`micro_step(inputs, targets)`, run through a CUDA graph.
 
@@ -113,7 +118,7 @@ class GraphedMicroStep:
             with torch.cuda.graph(graph, stream=side):
                 self.outputs = self.micro_step(self.inputs, self.targets)
         except RuntimeError as e:
-            raise RuntimeError(
+            raise CudaGraphCaptureError(
                 "train.cuda_graphs: capturing the micro-batch failed. Usually an op in the forward or "
                 "backward waits for the host (a .item(), a data-dependent shape), which a graph cannot "
                 f"hold; run with train.cuda_graphs=false. Cause: {e}") from e
