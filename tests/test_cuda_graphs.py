@@ -180,6 +180,34 @@ def test_device_clock_timer_matches_events_and_sums_replays():
     assert 0.7 < g_f / (3 * ck_f) < 1.4 and 0.7 < g_b / (3 * ck_b) < 1.4, (g_f, g_b, ck_f, ck_b)
 
 
+def test_warm_up_leaves_no_trace(tiny_job):
+    """The capture's warm-up micro-batches (here on CPU, the real model and micro-step) leave gradients
+    and expert-load counters as they found them, except that absent gradients become zeros."""
+    from moe.model.transformer import build_model
+    from moe.train.cuda_graph import warm_up_leaving_no_trace
+    from moe.train.loop import micro_step_fn
+
+    torch.manual_seed(0)
+    model = build_model(tiny_job.model, 0, torch.device("cpu"))
+    step = micro_step_fn(model, tiny_job, torch.device("cpu"), accum=2)
+    batch = torch.randint(0, tiny_job.model.vocab_size, (2, 16))
+    loads = [m.tokens_per_expert_acc for m in model.moe_layers().values()]
+
+    warm_up_leaving_no_trace(model, lambda: step(batch, batch), times=2)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None and not g.any() for g in grads.values())
+    assert not any(load.any() for load in loads)
+
+    step(batch, batch)  # a real micro-batch: the state the next warm-up must give back
+    after_one = {n: p.grad.clone() for n, p in model.named_parameters()}
+    loads_one = [load.clone() for load in loads]
+    assert all(load.sum() > 0 for load in loads_one)  # the run does add to the counters
+    warm_up_leaving_no_trace(model, lambda: step(batch, batch), times=2)
+    for n, p in model.named_parameters():
+        assert p.grad is grads[n] and torch.equal(p.grad, after_one[n]), n  # same tensors, same values
+    assert all(torch.equal(a, b) for a, b in zip(loads, loads_one))
+
+
 def test_device_clock_timer_refuses_cpu():
     from moe.train.timing import DeviceClockTimer
 

@@ -39,6 +39,29 @@ class CudaGraphCaptureError(RuntimeError):
     does not retry it (launcher/supervisor.py)."""
 
 
+def warm_up_leaving_no_trace(model: torch.nn.Module, run: Callable[[], object], times: int) -> None:
+    """Call `run` (a micro-batch's forward and backward) `times` times, then put the model's
+    gradients and buffers (the MoE layers' expert-load counters) back to what they were. A gradient
+    that was None becomes zeros instead: the capture that follows must find a tensor to accumulate
+    into. A parameter the warm-up gave no gradient keeps None (the graph gives it none either)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads_before = [None if p.grad is None else p.grad.clone() for p in params]
+    buffers = list(model.buffers())
+    buffers_before = [b.clone() for b in buffers]
+    for _ in range(times):
+        run()
+    with torch.no_grad():
+        for p, before in zip(params, grads_before):
+            if p.grad is None:
+                continue
+            if before is None:
+                p.grad.zero_()
+            else:
+                p.grad.copy_(before)
+        for b, before in zip(buffers, buffers_before):
+            b.copy_(before)
+
+
 class GraphedMicroStep:
     """`micro_step(inputs, targets)`, run through a CUDA graph.
 
@@ -60,7 +83,6 @@ class GraphedMicroStep:
         self.inputs: torch.Tensor | None = None
         self.targets: torch.Tensor | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
-        self.replays = 0
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -71,7 +93,6 @@ class GraphedMicroStep:
                              f"{tuple(self.inputs.shape)}; every micro-batch must have the same shape")
         self._load(inputs, targets)
         self.graph.replay()
-        self.replays += 1
         return self.outputs
 
     def _load(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
@@ -83,30 +104,11 @@ class GraphedMicroStep:
         self.inputs = torch.empty(inputs.shape, dtype=inputs.dtype, device=self.device)
         self.targets = torch.empty(targets.shape, dtype=targets.dtype, device=self.device)
         self._load(inputs, targets)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # Gradients so far (micro-batches of this step before the capture) and the expert-load
-        # counters: the warm-up adds to both, and both go back to these values afterwards.
-        grads_before = [None if p.grad is None else p.grad.clone() for p in params]
-        buffers = [b for name, b in self.model.named_buffers() if name.endswith("tokens_per_expert_acc")]
-        buffers_before = [b.clone() for b in buffers]
-
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.micro_step(self.inputs, self.targets)
+            warm_up_leaving_no_trace(self.model, lambda: self.micro_step(self.inputs, self.targets), self.warmup)
         torch.cuda.current_stream(self.device).wait_stream(side)
-
-        with torch.no_grad():
-            for p, before in zip(params, grads_before):
-                if p.grad is None:
-                    continue  # a parameter the step does not reach: it gets no gradient in the graph either
-                if before is None:
-                    p.grad.zero_()
-                else:
-                    p.grad.copy_(before)
-            for b, before in zip(buffers, buffers_before):
-                b.copy_(before)
         if self.after_warmup is not None:
             self.after_warmup()
         torch.cuda.synchronize(self.device)
