@@ -208,6 +208,27 @@ def test_warm_up_leaves_no_trace(tiny_job):
     assert all(torch.equal(a, b) for a, b in zip(loads, loads_one))
 
 
+def test_forward_backward_reads_outputs_before_the_next_replay(tiny_job):
+    """A graph returns the same output tensors from every replay, rewritten in place: the step's sums
+    must take each micro-batch's values before the next call overwrites them."""
+    from moe.data import build_dataset
+    from moe.train.loop import forward_backward
+
+    ce, aux, metric = torch.zeros(()), torch.zeros(()), torch.zeros(())
+    calls = []
+
+    def static_outputs(inputs, targets):  # like a replay: same tensors, new values
+        calls.append(1)
+        ce.fill_(float(len(calls)))
+        aux.fill_(10.0 * len(calls))
+        metric.fill_(10.0 ** len(calls))  # 10, 100, 1000: a sum that kept a reference would read otherwise
+        return ce, aux, {"moe/x/layer_1": metric}
+
+    dataset = build_dataset(tiny_job.data, tiny_job.train.seq_len, 0, tiny_job.model.vocab_size)
+    ce_sum, aux_sum, sums = forward_backward(static_outputs, dataset, tiny_job, torch.device("cpu"), 0, 0, 3)
+    assert (ce_sum.item(), aux_sum.item(), sums["moe/x/layer_1"].item()) == (6.0, 60.0, 1110.0)
+
+
 def test_device_clock_timer_refuses_cpu():
     from moe.train.timing import DeviceClockTimer
 
