@@ -57,6 +57,9 @@ def test_unknown_routing_is_refused():
     ("bench_experts.py", ["--mode", "pregrouped"], "invalid choice: 'pregrouped'"),
     ("bench_down_combine.py", ["--shapes", "qwen"], "--shapes: ['qwen'] not among"),
     ("bench_down_combine.py", ["--skews", "zipff"], "--skews: ['zipff'] not among"),
+    ("bench_train_backends.py", ["--out", "/tmp/x", "--backends", "torch+graphs"], "--backends: ['torch+graphs'] not among"),
+    ("bench_train_backends.py", ["--out", "/tmp/x", "--backends", "triton,triton+graphs", "--base", "grouped_mm"],
+     "--base='grouped_mm': must be one of the runs in --backends (triton, triton+graphs)"),
 ])
 def test_bad_arguments_fail_before_any_gpu_work(script, args, message):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],

@@ -14,6 +14,7 @@ import torch
 
 from launcher.config import ConfigError
 from tests.conftest import job_from
+from tests.test_expert_parallel import rel
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -27,10 +28,6 @@ def gpu_job(tmp_path, name: str, graphs: bool, extra: list[str] = ()):
     ])
     job.run_dir = str(tmp_path / name)
     return job
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def worst(a: dict, b: dict) -> float:
@@ -234,6 +231,16 @@ def test_device_clock_timer_refuses_cpu():
 
     with pytest.raises(ValueError, match="reads a CUDA device's clock"):
         DeviceClockTimer(torch.device("cpu"))
+
+
+def test_replay_refuses_a_micro_batch_of_another_shape():
+    """A smaller batch would broadcast into the captured buffers without a word: it is refused."""
+    from moe.train.cuda_graph import GraphedMicroStep
+
+    step = GraphedMicroStep.__new__(GraphedMicroStep)  # as after a capture, without a GPU
+    step.graph, step.inputs, step.targets = object(), torch.zeros(4, 16), torch.zeros(4, 16)
+    with pytest.raises(ValueError, match=r"micro-batch of shape \(1, 16\) after capturing \(4, 16\)"):
+        step(torch.zeros(1, 16), torch.zeros(1, 16))
 
 
 def test_graph_wrapper_refuses_cpu():
